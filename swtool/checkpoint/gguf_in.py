@@ -1,0 +1,130 @@
+"""GGUF files as llama.cpp writes them, read through gguf-py's memory-mapped reader.
+
+Tensors are exposed under canonical Hugging Face names (gguf-py's own name map
+does the translation) and in HF layout: quantized blocks are dequantized on
+load, and the Q/K row permutation llama.cpp's converter applies to llama-style
+models is undone, so the same forward serves both formats. Reports still use
+the stored GGUF names and coordinates, which are unchanged for `ffn_down`.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from swtool.arch import Family, family_for
+from swtool.checkpoint.base import Checkpoint, Rows
+from swtool.config import from_gguf
+from swtool.errors import SwtoolError
+
+ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """Every key/value of the file as plain Python values (arrays of tokens included)."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except (ValueError, IndexError, UnicodeDecodeError) as exc:
+            raise SwtoolError(f"GGUF metadata key {key} is unreadable ({exc})") from None
+    return meta
+
+
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """gguf-py's reader, with its assorted failures on damaged files turned into one clear error."""
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, OverflowError, struct.error, MemoryError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise SwtoolError(f"{path}: not a readable GGUF file ({message})") from None
+
+
+def unpermute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's `permute` (HF half-split RoPE rows -> interleaved)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+class GGUFCheckpoint(Checkpoint):
+    format = "gguf"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files = [path]
+        self.reader = open_reader(path)
+        self.meta = read_metadata(self.reader)
+        arch = self.meta.get("general.architecture")
+        if not isinstance(arch, str):
+            raise SwtoolError(f"{path}: GGUF has no general.architecture")
+        self.family: Family = family_for(arch)
+        self.arch = arch
+        tensors = {t.name: t for t in self.reader.tensors}
+        embed = tensors.get("token_embd.weight")
+        if embed is None:
+            raise SwtoolError(f"{path}: GGUF has no token_embd.weight")
+        vocab = int(embed.shape[-1])
+        self.config = from_gguf(self.meta, arch, vocab, tied="output.weight" not in tensors)
+        self._entries = self._canonical_map(tensors)
+
+    def _canonical_map(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        name_map = gguf.get_tensor_name_map(ARCH_BY_NAME[self.arch], self.config.num_layers)
+        canonical: dict[str, Any] = {}
+        wanted = list(self.family.global_tensors(self.config).values())
+        for layer in range(self.config.num_layers):
+            wanted += self.family.layer_tensors(self.config, layer).values()
+        for name in dict.fromkeys(wanted):
+            stored = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+            if stored in tensors:
+                canonical[name] = tensors.pop(stored)
+        canonical.update(tensors)  # GGUF-only tensors (rope_freqs...) stay reachable by their own name
+        return canonical
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._entries[name].shape))
+
+    def stored_name(self, name: str) -> str:
+        return self._entries[name].name
+
+    def stored_dtype(self, name: str) -> str:
+        return self._entries[name].tensor_type.name
+
+    def _read(self, name: str, rows: Rows) -> torch.Tensor:
+        tensor = self._entries[name]
+        data = tensor.data
+        shape = self.shape(name)
+        permute_heads = self._permute_heads(name)
+        if rows is not None and permute_heads is None and len(shape) > 1:
+            data = data.reshape(shape[0], -1)[rows]
+            shape = (data.shape[0], *shape[1:])
+        try:
+            values = gguf.quants.dequantize(np.asarray(data), tensor.tensor_type)
+        except NotImplementedError:
+            raise SwtoolError(f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which gguf-py cannot dequantize") from None
+        out = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+        if permute_heads is not None:
+            out = unpermute_qk(out, permute_heads)
+            if rows is not None:
+                out = out[rows]
+        return out
+
+    def _permute_heads(self, name: str) -> int | None:
+        if not self.family.gguf_permute_qk:
+            return None
+        if name.endswith("self_attn.q_proj.weight"):
+            return self.config.num_heads
+        if name.endswith("self_attn.k_proj.weight"):
+            return self.config.num_kv_heads
+        return None
+
+    def tokenizer_json(self) -> str:
+        from swtool.tokenizer import gguf_tokenizer_json
+
+        return gguf_tokenizer_json(self.meta)

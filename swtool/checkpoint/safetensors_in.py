@@ -1,0 +1,212 @@
+"""Hugging Face directories: `config.json` plus one safetensors file or an indexed set of shards.
+
+We parse and check the safetensors header ourselves (it is 8 bytes of length
+and a JSON document) instead of trusting it: files come from strangers, and a
+hostile header must produce a clear error, not an allocation of gigabytes.
+Tensor bytes are then read through one read-only memory map per shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from swtool.checkpoint.base import Checkpoint, Rows
+from swtool.config import from_hf
+from swtool.errors import SwtoolError
+
+HEADER_CAP = 100 * 1024 * 1024
+"""The safetensors format refuses headers larger than 100 MB; so do we."""
+
+DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "F64": (np.dtype("<f8"), torch.float64),
+    "F32": (np.dtype("<f4"), torch.float32),
+    "F16": (np.dtype("<f2"), torch.float16),
+    "BF16": (np.dtype("<u2"), torch.bfloat16),
+    "I64": (np.dtype("<i8"), torch.int64),
+    "I32": (np.dtype("<i4"), torch.int32),
+    "I16": (np.dtype("<i2"), torch.int16),
+    "I8": (np.dtype("i1"), torch.int8),
+    "U8": (np.dtype("u1"), torch.uint8),
+    "BOOL": (np.dtype("?"), torch.bool),
+}
+
+SHARD_PATTERN = re.compile(r".*-\d+-of-\d+\.safetensors$")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    """Absolute byte offset in the file."""
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and validate one safetensors file's header; return its entries and `__metadata__`."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise SwtoolError(f"{path}: truncated safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > HEADER_CAP:
+            raise SwtoolError(f"{path}: safetensors header of {header_len} bytes exceeds the format's 100 MB cap")
+        if 8 + header_len > size:
+            raise SwtoolError(f"{path}: safetensors header length ({header_len}) runs past the end of the file (truncated?)")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SwtoolError(f"{path}: safetensors header is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise SwtoolError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SwtoolError(f"{path}: safetensors __metadata__ is not a JSON object")
+    data_start = 8 + header_len
+    data_size = size - data_start
+    entries: dict[str, TensorEntry] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise SwtoolError(f"{path}: tensor {name}: header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise SwtoolError(f"{path}: tensor {name}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise SwtoolError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise SwtoolError(f"{path}: tensor {name}: bad data_offsets {offsets!r}")
+        begin, end = offsets
+        if end > data_size:
+            raise SwtoolError(
+                f"{path}: tensor {name}: data_offsets end at byte {end} but the file holds {data_size} data bytes (truncated?)"
+            )
+        expected = math.prod(shape) * DTYPES[dtype][0].itemsize
+        if end - begin != expected:
+            raise SwtoolError(
+                f"{path}: tensor {name}: shape {shape} of {dtype} needs {expected} bytes, data_offsets give {end - begin}"
+            )
+        entries[name] = TensorEntry(path, dtype, tuple(shape), data_start + begin, end - begin)
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise SwtoolError(f"{path}: tensor {name} overlaps the previous tensor's bytes")
+        if begin > position:
+            raise SwtoolError(f"{path}: a hole of {begin - position} bytes precedes tensor {name}")
+        position = end
+    if position != data_size:
+        raise SwtoolError(f"{path}: {data_size - position} trailing bytes after the last tensor")
+    return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
+def shard_map(directory: Path) -> dict[str, TensorEntry]:
+    """All tensors of a directory, checking the index against the shards it names."""
+    index_path = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    pickles = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+            raise SwtoolError(f"{index_path}: not a valid index (needs a JSON object with a weight_map)") from None
+        shard_names = sorted(set(weight_map.values()))
+        entries: dict[str, TensorEntry] = {}
+        for shard_name in shard_names:
+            shard = directory / str(shard_name)
+            if not shard.is_file():
+                raise SwtoolError(f"{index_path}: names shard {shard_name}, which does not exist")
+            shard_entries, _ = read_header(shard)
+            for name, entry in shard_entries.items():
+                if name in entries:
+                    raise SwtoolError(f"{directory}: tensor {name} is stored in two shards ({entries[name].file.name}, {shard.name})")
+                entries[name] = entry
+        for name, shard_name in weight_map.items():
+            if name not in entries:
+                raise SwtoolError(f"{index_path}: tensor {name} is listed in {shard_name} but not stored there")
+            if entries[name].file.name != shard_name:
+                raise SwtoolError(f"{index_path}: tensor {name} is listed in {shard_name} but stored in {entries[name].file.name}")
+        unindexed = [p.name for p in directory.glob("*.safetensors") if SHARD_PATTERN.match(p.name) and p.name not in shard_names]
+        if unindexed:
+            raise SwtoolError(f"{directory}: shard {sorted(unindexed)[0]} is not in model.safetensors.index.json")
+        return entries
+    if single.is_file():
+        return read_header(single)[0]
+    if pickles:
+        raise SwtoolError(
+            f"{directory}: only PyTorch pickle weights ({pickles[0]}); swtool never unpickles (it can run arbitrary code). "
+            "Convert them to safetensors first, e.g. with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+        )
+    raise SwtoolError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise SwtoolError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SwtoolError(f"{path}: not valid JSON ({exc})") from None
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    format = "safetensors"
+
+    def __init__(self, directory: Path):
+        self.path = directory
+        self.raw_config = read_config(directory)
+        self.config = from_hf(self.raw_config)
+        self._entries: dict[str, TensorEntry] = shard_map(directory)
+        self.files = sorted({e.file for e in self._entries.values()})
+        self._maps: dict[Path, np.memmap] = {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def stored_name(self, name: str) -> str:
+        return name
+
+    def stored_dtype(self, name: str) -> str:
+        return self._entries[name].dtype
+
+    def _map(self, file: Path) -> np.memmap:
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+        return self._maps[file]
+
+    def _read(self, name: str, rows: Rows) -> torch.Tensor:
+        entry = self._entries[name]
+        np_dtype, torch_dtype = DTYPES[entry.dtype]
+        raw = self._map(entry.file)[entry.start : entry.start + entry.nbytes]
+        array = raw.view(np_dtype).reshape(entry.shape)
+        if rows is not None:
+            array = array[rows]
+        return torch.from_numpy(np.array(array)).view(torch_dtype)
+
+    def tokenizer_json(self) -> str:
+        path = self.path / "tokenizer.json"
+        if not path.is_file():
+            raise SwtoolError(f"{self.path}: no tokenizer.json (swtool needs the fast-tokenizer file)")
+        return path.read_text()
+
+    def close(self) -> None:
+        self._maps.clear()

@@ -1,0 +1,90 @@
+"""Tokenizers for every checkpoint: `tokenizer.json` as shipped, or one rebuilt from GGUF metadata.
+
+A GGUF file embeds its vocabulary (`tokenizer.ggml.*`); we rebuild an
+equivalent `tokenizers` pipeline from it so that GGUF-only models tokenise
+without network access, and so `dequantize` can write a `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from swtool.checkpoint.base import Checkpoint
+from swtool.errors import SwtoolError
+
+CONTROL, USER_DEFINED = 3, 4
+"""llama.cpp's token types whose text must match as a whole (special tokens)."""
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _byte_level_pre(pre: str) -> pre_tokenizers.PreTokenizer:
+    """The pre-tokenizer matching llama.cpp's `tokenizer.ggml.pre` name for byte-level BPE vocabularies."""
+    if pre in ("llama3", "llama-bpe", "dbrx", "smaug-bpe"):
+        split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
+        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre in ("qwen2", "deepseek-r1-qwen"):
+        split = pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated")
+        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre == "smollm":
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        )
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def gguf_tokenizer_json(meta: dict[str, Any]) -> str:
+    model = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise SwtoolError("GGUF: no tokenizer.ggml.tokens; the file carries no tokenizer")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if model == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+        tok.pre_tokenizer = _byte_level_pre(str(meta.get("tokenizer.ggml.pre", "default")))
+        tok.decoder = decoders.ByteLevel()
+    elif model == "llama":
+        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        unk = int(meta.get("tokenizer.ggml.unknown_token_id", 0))
+        tok = Tokenizer(models.Unigram([(t, float(s)) for t, s in zip(tokens, scores)], unk_id=unk, byte_fallback=True))
+        steps = [normalizers.Replace(" ", "\u2581")]
+        if meta.get("tokenizer.ggml.add_space_prefix", True):
+            steps.insert(0, normalizers.Prepend("\u2581"))
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+    else:
+        raise SwtoolError(f"GGUF: tokenizer model {model!r} is not supported (supported: gpt2, llama)")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (CONTROL, USER_DEFINED)])
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", model == "llama") and bos is not None:
+        bos_text = tokens[int(bos)]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_text} $A", pair=f"{bos_text} $A $B", special_tokens=[(bos_text, int(bos))]
+        )
+    return tok.to_str()
+
+
+def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
+    try:
+        return Tokenizer.from_str(checkpoint.tokenizer_json())
+    except Exception as exc:  # the tokenizers library raises bare Exceptions on malformed JSON
+        if isinstance(exc, SwtoolError):
+            raise
+        raise SwtoolError(f"{checkpoint.path}: tokenizer could not be loaded ({str(exc).splitlines()[0]})") from None
+
+
+def encode(checkpoint: Checkpoint, text: str) -> list[int]:
+    ids = load_tokenizer(checkpoint).encode(text).ids
+    if not ids:
+        raise SwtoolError("the prompt tokenizes to nothing")
+    return ids
