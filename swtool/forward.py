@@ -27,6 +27,9 @@ from swtool.errors import SwtoolError
 MlpHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None]
 """(layer, down_proj input (B,T,I), down_proj output (B,T,H)) -> replacement output or None."""
 
+InputHook = Callable[[int, str, torch.Tensor], torch.Tensor]
+"""(layer, role such as "q" or "down", input of that linear layer) -> the input to use (e.g. fake-quantized)."""
+
 HEAD_CHUNK_ROWS = 8192
 """Vocabulary rows of the LM head loaded at once: bounds memory for 128k-token vocabularies."""
 
@@ -97,8 +100,9 @@ def causal_mask(length: int, window: int | None, device: torch.device) -> torch.
 class LayerStream:
     """A checkpoint walked one layer at a time on a device, in one compute dtype."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu", input_hook: InputHook | None = None):
         self.checkpoint = checkpoint
+        self.input_hook = input_hook
         self.config = checkpoint.config
         self.family: Family = family_for(self.config.model_type)
         self.dtype = dtype
@@ -147,12 +151,18 @@ class LayerStream:
         sin = (emb.sin() * self.attention_factor).to(self.device, self.dtype)
         return cos, sin
 
-    def attention(self, x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def linear(self, layer: int, role: str, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every projection goes through here, so one hook can see (and fake-quantize) every linear input."""
+        if self.input_hook is not None:
+            x = self.input_hook(layer, role, x)
+        return F.linear(x, w[role])
+
+    def attention(self, layer: int, x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         c = self.config
         batch, length, _ = x.shape
-        q = F.linear(x, w["q"]).view(batch, length, c.num_heads, c.head_dim).transpose(1, 2)
-        k = F.linear(x, w["k"]).view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = F.linear(x, w["v"]).view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = self.linear(layer, "q", x, w).view(batch, length, c.num_heads, c.head_dim).transpose(1, 2)
+        k = self.linear(layer, "k", x, w).view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.linear(layer, "v", x, w).view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
         cos, sin = rope
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -160,11 +170,11 @@ class LayerStream:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.head_dim**-0.5)
-        return F.linear(out.transpose(1, 2).reshape(batch, length, c.num_heads * c.head_dim), w["o"])
+        return self.linear(layer, "o", out.transpose(1, 2).reshape(batch, length, c.num_heads * c.head_dim), w)
 
     def mlp(self, layer: int, x: torch.Tensor, w: dict[str, torch.Tensor], hook: MlpHook | None) -> torch.Tensor:
-        inner = F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"])
-        out = F.linear(inner, w["down"])
+        inner = F.silu(self.linear(layer, "gate", x, w)) * self.linear(layer, "up", x, w)
+        out = self.linear(layer, "down", inner, w)
         if hook is not None:
             replaced = hook(layer, inner, out)
             if replaced is not None:
@@ -178,7 +188,7 @@ class LayerStream:
         rope = self.rope(length)
         mask = causal_mask(length, self.config.sliding_window, self.device)
         eps = self.config.norm_eps
-        h = h + self.attention(rms_norm(h, w["attn_norm"], eps), w, rope, mask)
+        h = h + self.attention(layer, rms_norm(h, w["attn_norm"], eps), w, rope, mask)
         return h + self.mlp(layer, rms_norm(h, w["mlp_norm"], eps), w, hook)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

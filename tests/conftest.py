@@ -1,0 +1,46 @@
+"""Shared fixtures: the real model and text (fetched once into a cache), tiny random models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "fixtures"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("SWTOOL_SLOW"):
+        for item in items:
+            item.own_markers = [m for m in item.own_markers if m.name != "slow"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from fetch import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def wiki_text() -> str:
+    from fetch import wiki_text
+
+    return wiki_text()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 as an HF directory in fp16, made by swtool's own export from the GGUF."""
+    import torch
+
+    from swtool.checkpoint import open_checkpoint
+    from swtool.checkpoint.hf_export import export_hf
+
+    out = tmp_path_factory.mktemp("smollm2-hf")
+    export_hf(open_checkpoint(smollm2_gguf), out, torch.float16)
+    return out
