@@ -29,6 +29,23 @@ class ModelConfig:
     tie_embeddings: bool = False
     max_position_embeddings: int = 2048
     sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()
+    """Which layers use `sliding_window`; empty means every layer does (when a window is set)."""
+    local_rope_theta: float | None = None
+    """RoPE base of the sliding-window layers where it differs (Gemma-3's local layers)."""
+    rotary_dim: int = 0
+    """Leading dimensions of each head that RoPE rotates (partial rotary); 0 means all of head_dim."""
+    attention_bias: bool = False
+    query_scale: float | None = None
+    """Multiplier of attention scores; None means head_dim ** -0.5 (Gemma's query_pre_attn_scalar ** -0.5)."""
+    attn_softcap: float | None = None
+    """Attention logits become cap * tanh(logits / cap) (Gemma-2)."""
+    final_softcap: float | None = None
+    """Final logits become cap * tanh(logits / cap) (Gemma-2, Gemma-3)."""
+    clip_qkv: float | None = None
+    """Queries, keys and values are clamped to [-clip, clip] (OLMo)."""
+    num_experts: int = 0
+    experts_per_token: int = 0
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     """Family-specific options (biases, soft-caps, expert counts...) read by the forward."""
@@ -42,6 +59,10 @@ class ModelConfig:
             raise SwtoolError(
                 f"config: num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads})"
             )
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise SwtoolError(f"config: num_experts_per_tok ({self.experts_per_token}) must be between 1 and num_local_experts ({self.num_experts})")
+        if not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise SwtoolError(f"config: partial rotary dimension {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
         if not (math.isfinite(self.norm_eps) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise SwtoolError("config: rms_norm_eps and rope_theta must be finite, rope_theta positive")
 
@@ -53,6 +74,42 @@ def _require(cfg: dict[str, Any], *keys: str) -> Any:
     raise SwtoolError(f"config.json: missing key {keys[0]!r}")
 
 
+def _hf_rope(cfg: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+    """RoPE parameters of the global layers, and the RoPE base of sliding-window layers if it differs.
+
+    transformers v5 writes `rope_parameters` (per layer type for Gemma-3); v4
+    wrote `rope_theta`, `rope_scaling` and Gemma-3's `rope_local_base_freq`.
+    """
+    params = dict(cfg.get("rope_parameters") or {})
+    local = cfg.get("rope_local_base_freq")
+    if "full_attention" in params or "sliding_attention" in params:
+        sliding = params.get("sliding_attention") or {}
+        if sliding.get("rope_type", "default") != "default":
+            raise SwtoolError("config.json: scaled RoPE on sliding-window layers is not supported")
+        local = sliding.get("rope_theta", local)
+        params = dict(params.get("full_attention") or {})
+    legacy = cfg.get("rope_scaling") or {}
+    params.update({k: v for k, v in legacy.items() if k not in params})
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    return params, float(local) if local is not None else None
+
+
+def _hf_sliding_layers(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[bool, ...]:
+    """Per layer, whether the sliding window applies: `layer_types`, or the pattern older configs implied."""
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and len(types) == num_layers:
+        return tuple(t == "sliding_attention" for t in types)
+    if model_type == "gemma2":
+        return tuple(i % 2 == 0 for i in range(num_layers))
+    if model_type in ("gemma3_text", "gemma3"):
+        pattern = int(cfg.get("sliding_window_pattern") or 6)
+        return tuple((i + 1) % pattern != 0 for i in range(num_layers))
+    if model_type == "qwen2" and cfg.get("max_window_layers") is not None:
+        return tuple(i >= int(cfg["max_window_layers"]) for i in range(num_layers))
+    return ()
+
+
 def from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """Build from a transformers `config.json` (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
     if not isinstance(cfg, dict):
@@ -62,19 +119,19 @@ def from_hf(cfg: dict[str, Any]) -> ModelConfig:
     model_type = _require(cfg, "model_type")
     hidden = _require(cfg, "hidden_size")
     heads = _require(cfg, "num_attention_heads")
-    rope = dict(cfg.get("rope_parameters") or {})
-    legacy = cfg.get("rope_scaling") or {}
-    rope.update({k: v for k, v in legacy.items() if k not in rope})
-    if "type" in rope and "rope_type" not in rope:
-        rope["rope_type"] = rope.pop("type")
-    theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
-    scaling = rope if rope.get("rope_type", "default") != "default" else None
+    global_rope, local_rope = _hf_rope(cfg)
+    theta = global_rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+    partial = float(global_rope.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor") or 1.0)
+    scaling = global_rope if global_rope.get("rope_type", "default") != "default" else None
     head_dim = cfg.get("head_dim") or hidden // heads
+    num_layers = _require(cfg, "num_hidden_layers")
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    scalar = cfg.get("query_pre_attn_scalar")
     config = ModelConfig(
         model_type=str(model_type),
         hidden_size=hidden,
         intermediate_size=_require(cfg, "intermediate_size"),
-        num_layers=_require(cfg, "num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=head_dim,
@@ -84,12 +141,44 @@ def from_hf(cfg: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
-        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+        sliding_window=window,
+        sliding_layers=_hf_sliding_layers(cfg, str(model_type), num_layers) if window else (),
+        local_rope_theta=local_rope,
+        rotary_dim=int(head_dim * partial),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        query_scale=float(scalar) ** -0.5 if scalar else None,
+        attn_softcap=cfg.get("attn_logit_softcapping") if model_type == "gemma2" else None,
+        final_softcap=cfg.get("final_logit_softcapping"),
+        clip_qkv=cfg.get("clip_qkv"),
+        num_experts=int(cfg.get("num_local_experts") or 0),
+        experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
         name=str(cfg.get("_name_or_path") or ""),
         extra={k: v for k, v in cfg.items() if not isinstance(v, (dict, list)) or k in ("layer_types",)},
     )
     config.validate()
     return config
+
+
+GGUF_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+"""llama.cpp's default sliding-window layer pattern per architecture (layer i slides when i % n < n - 1)."""
+GGUF_LOCAL_ROPE_BASE = {"gemma3": 10000.0}
+"""llama.cpp's default RoPE base of sliding-window layers where it differs from the global one."""
+
+
+def _gguf_sliding_layers(meta: dict[str, Any], arch: str, num_layers: int) -> tuple[bool, ...]:
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", GGUF_SWA_PATTERN.get(arch))
+    if isinstance(pattern, list):
+        return tuple(bool(p) for p in pattern)
+    if pattern:
+        return tuple(i % int(pattern) < int(pattern) - 1 for i in range(num_layers))
+    return ()
+
+
+def _gguf_query_scale(arch: str, hidden: int, heads: int, num_layers: int) -> float | None:
+    """llama.cpp's Gemma-2/3 query scale: 1/sqrt(hidden/heads) for the 27B models (by layer count), else the default."""
+    if (arch, num_layers) in (("gemma2", 46), ("gemma3", 62)):
+        return (hidden / heads) ** -0.5
+    return None
 
 
 def from_gguf(meta: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> ModelConfig:
@@ -110,21 +199,34 @@ def from_gguf(meta: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> M
         scaling = {"rope_type": scaling_type, "factor": float(get("rope.scaling.factor"))}
         if scaling_type == "yarn":
             scaling["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+    num_layers = int(get("block_count"))
+    window = meta.get(f"{arch}.attention.sliding_window") or (4096 if arch == "gemma2" else None)
+    theta = float(meta.get(f"{arch}.rope.freq_base") or 10000.0)
+    local_theta = meta.get(f"{arch}.rope.freq_base_swa", GGUF_LOCAL_ROPE_BASE.get(arch))
     config = ModelConfig(
         model_type=arch,
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads),
         head_dim=head_dim,
         vocab_size=vocab_size,
         norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon") or meta.get(f"{arch}.attention.layer_norm_epsilon") or 1e-6),
-        rope_theta=float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
+        rope_theta=theta,
         rope_scaling=scaling,
         tie_embeddings=tied,
         max_position_embeddings=int(meta.get(f"{arch}.context_length") or 2048),
-        sliding_window=meta.get(f"{arch}.attention.sliding_window"),
+        sliding_window=window,
+        sliding_layers=_gguf_sliding_layers(meta, arch, num_layers) if window else (),
+        local_rope_theta=float(local_theta) if local_theta is not None else None,
+        rotary_dim=int(meta.get(f"{arch}.rope.dimension_count") or head_dim),
+        query_scale=_gguf_query_scale(arch, hidden, heads, num_layers),
+        attn_softcap=meta.get(f"{arch}.attn_logit_softcapping") if arch == "gemma2" else None,
+        final_softcap=meta.get(f"{arch}.final_logit_softcapping"),
+        clip_qkv=meta.get(f"{arch}.attention.clamp_kqv"),
+        num_experts=int(meta.get(f"{arch}.expert_count") or 0),
+        experts_per_token=int(meta.get(f"{arch}.expert_used_count") or 0),
         name=str(meta.get("general.name") or ""),
         extra={k[len(arch) + 1 :]: v for k, v in meta.items() if k.startswith(arch + ".")},
     )

@@ -2,13 +2,17 @@
 
 `LayerStream` loads one layer's tensors from a checkpoint, runs them on the
 current hidden states and lets them go, so memory holds one layer plus the
-activations. Family differences are the switches on `Family`; the maths reads
-top to bottom: embed, then per layer norm -> attention -> residual -> norm ->
-gated MLP -> residual, then final norm and head.
+activations. Family differences are the switches on `Family` and the options
+on `ModelConfig`; the maths reads top to bottom: embed (scaled for Gemma), then
+per layer [norm] -> attention -> [post-norm] -> residual -> [norm] -> gated MLP
+or routed experts -> [post-norm] -> residual, then final norm, head and
+optional soft-capping.
 
-`MlpHook` sees each layer's down_proj input and output (and may change the
+`MlpHook` sees each down projection's input and output (and may change the
 output): detection records spikes there, and the verification pass subtracts
-one weight's contribution per batch variant there.
+one weight's contribution per batch variant there. For routed experts it is
+called once per expert with `expert=E` and `routed`, a (B,T) mask of the tokens
+sent to that expert; the other tokens' rows of the input and output are zero.
 """
 
 from __future__ import annotations
@@ -24,20 +28,34 @@ from swtool.checkpoint.base import Checkpoint
 from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
 
-MlpHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None]
-"""(layer, down_proj input (B,T,I), down_proj output (B,T,H)) -> replacement output or None."""
+MlpHook = Callable[..., torch.Tensor | None]
+"""(layer, down_proj input (B,T,I), down_proj output (B,T,H)[, expert=E, routed=mask]) -> replacement output or None."""
 
 InputHook = Callable[[int, str, torch.Tensor], torch.Tensor]
-"""(layer, role such as "q" or "down", input of that linear layer) -> the input to use (e.g. fake-quantized)."""
+"""(layer, role such as "q", "down" or "down.3", input of that linear layer) -> the input to use (e.g. fake-quantized)."""
 
 HEAD_CHUNK_ROWS = 8192
 """Vocabulary rows of the LM head loaded at once: bounds memory for 128k-token vocabularies."""
 
+LAYER_NORM_EPS = 1e-5
+"""OLMo's parameter-free LayerNorm uses a fixed epsilon (its config has none)."""
 
-def inverse_frequencies(config: ModelConfig, extra_divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """RoPE inverse frequencies and the attention scaling the rope type asks for."""
-    dim = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def inverse_frequencies(config: ModelConfig, extra_divisor: torch.Tensor | None = None, theta: float | None = None) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies and the attention scaling the rope type asks for.
+
+    `theta` gives plain (unscaled) RoPE with another base, as Gemma-3's sliding-window layers use.
+    """
+    dim = config.rotary_dim or config.head_dim
+    base = theta if theta is not None else config.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if theta is not None:
+        return inv, 1.0
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     attention_factor = 1.0
@@ -62,7 +80,7 @@ def inverse_frequencies(config: ModelConfig, extra_divisor: torch.Tensor | None 
 
 
 def _yarn(config: ModelConfig, scaling: dict, inv: torch.Tensor) -> tuple[torch.Tensor, float]:
-    dim, base = config.head_dim, config.rope_theta
+    dim, base = config.rotary_dim or config.head_dim, config.rope_theta
     factor = float(scaling["factor"])
     original = float(scaling.get("original_max_position_embeddings") or config.max_position_embeddings)
     beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
@@ -81,6 +99,14 @@ def _yarn(config: ModelConfig, scaling: dict, inv: torch.Tensor) -> tuple[torch.
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate the leading rotary_dim dimensions of each head (all of them unless RoPE is partial)."""
+    cos, sin = rope
+    dim = cos.shape[-1]
+    rotated = x[..., :dim] * cos + rotate_half(x[..., :dim]) * sin
+    return rotated if dim == x.shape[-1] else torch.cat((rotated, x[..., dim:]), dim=-1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,11 +130,15 @@ class LayerStream:
         self.checkpoint = checkpoint
         self.input_hook = input_hook
         self.config = checkpoint.config
-        self.family: Family = family_for(self.config.model_type)
+        self.family: Family = family_for(self.config.model_type, self.config.num_experts)
         self.dtype = dtype
         self.device = torch.device(device)
+        self.activation = ACTIVATIONS[self.family.activation]
         extra = checkpoint.load("rope_freqs.weight") if checkpoint.has("rope_freqs.weight") else None
         self.inv_freq, self.attention_factor = inverse_frequencies(self.config, extra)
+        self.local_inv_freq = None
+        if self.config.local_rope_theta is not None and self.config.sliding_window:
+            self.local_inv_freq, _ = inverse_frequencies(self.config, theta=self.config.local_rope_theta)
         self._check_globals()
 
     def _check_globals(self) -> None:
@@ -130,6 +160,8 @@ class LayerStream:
         if int(unique.max()) >= self.config.vocab_size or int(unique.min()) < 0:
             raise SwtoolError("token id outside the model's vocabulary (tokenizer and model disagree)")
         rows = self.checkpoint.load(self.family.global_tensors(self.config)["embed"], self.dtype, rows=unique.numpy())
+        if self.family.embed_scale:  # Gemma: the scale is rounded to the compute dtype first, as transformers does
+            rows = rows * torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
         return rows.to(self.device)[inverse]
 
     def layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
@@ -143,37 +175,74 @@ class LayerStream:
             weights[role] = self._get(name)
         return weights
 
-    def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def is_sliding(self, layer: int) -> bool:
+        c = self.config
+        return bool(c.sliding_window) and (not c.sliding_layers or c.sliding_layers[layer])
+
+    def rope(self, length: int, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (T, rotary_dim) for `layer` (sliding-window layers may use their own base)."""
+        local = layer is not None and self.local_inv_freq is not None and self.is_sliding(layer)
+        inv, factor = (self.local_inv_freq, 1.0) if local else (self.inv_freq, self.attention_factor)
         positions = torch.arange(length, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq)
+        freqs = torch.outer(positions, inv)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_factor).to(self.device, self.dtype)
-        sin = (emb.sin() * self.attention_factor).to(self.device, self.dtype)
+        cos = (emb.cos() * factor).to(self.device, self.dtype)
+        sin = (emb.sin() * factor).to(self.device, self.dtype)
         return cos, sin
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """The family's norm: RMSNorm by w, RMSNorm by 1 + w (Gemma), or LayerNorm without parameters (OLMo)."""
+        kind = self.family.norm
+        if kind == "layer":
+            return F.layer_norm(x.float(), x.shape[-1:], eps=LAYER_NORM_EPS).to(x.dtype)
+        if weight is None:
+            raise SwtoolError(f"{self.checkpoint.path}: a norm weight is missing")
+        return rms_norm(x, 1 + weight if kind == "rms1p" else weight, self.config.norm_eps)
 
     def linear(self, layer: int, role: str, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         """Every projection goes through here, so one hook can see (and fake-quantize) every linear input."""
         if self.input_hook is not None:
             x = self.input_hook(layer, role, x)
-        return F.linear(x, w[role])
+        return F.linear(x, w[role], w.get(role + "_bias"))
 
     def attention(self, layer: int, x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         c = self.config
         batch, length, _ = x.shape
-        q = self.linear(layer, "q", x, w).view(batch, length, c.num_heads, c.head_dim).transpose(1, 2)
-        k = self.linear(layer, "k", x, w).view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.linear(layer, "v", x, w).view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if "qkv" in w:  # Phi-3: one fused projection, rows ordered q, k, v
+            q, k, v = self.linear(layer, "qkv", x, w).split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
+        else:
+            q, k, v = (self.linear(layer, role, x, w) for role in ("q", "k", "v"))
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        if self.family.qk_norm == "full":
+            q, k = self.norm(q, w["q_norm"]), self.norm(k, w["k_norm"])
+        q = q.view(batch, length, c.num_heads, c.head_dim).transpose(1, 2)
+        k = k.view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        if self.family.qk_norm == "head":
+            q, k = self.norm(q, w["q_norm"]), self.norm(k, w["k_norm"])
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         groups = c.num_heads // c.num_kv_heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c.head_dim**-0.5)
+        scale = c.query_scale if c.query_scale is not None else c.head_dim**-0.5
+        if c.attn_softcap:  # Gemma-2: cap * tanh(scores / cap) before the mask, which SDPA cannot do
+            scores = torch.matmul(q, k.transpose(2, 3)) * scale
+            scores = c.attn_softcap * torch.tanh(scores / c.attn_softcap)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return self.linear(layer, "o", out.transpose(1, 2).reshape(batch, length, c.num_heads * c.head_dim), w)
 
     def mlp(self, layer: int, x: torch.Tensor, w: dict[str, torch.Tensor], hook: MlpHook | None) -> torch.Tensor:
-        inner = F.silu(self.linear(layer, "gate", x, w)) * self.linear(layer, "up", x, w)
+        if "router" in w:
+            return self.experts(layer, x, w, hook)
+        if "gate_up" in w:  # Phi-3: one fused projection, gate rows first
+            gate, up = self.linear(layer, "gate_up", x, w).chunk(2, dim=-1)
+        else:
+            gate, up = self.linear(layer, "gate", x, w), self.linear(layer, "up", x, w)
+        inner = self.activation(gate) * up
         out = self.linear(layer, "down", inner, w)
         if hook is not None:
             replaced = hook(layer, inner, out)
@@ -181,26 +250,60 @@ class LayerStream:
                 out = replaced
         return out
 
+    def experts(self, layer: int, x: torch.Tensor, w: dict[str, torch.Tensor], hook: MlpHook | None) -> torch.Tensor:
+        """Routed experts as Mixtral: softmax over router logits, top-k, weights renormalised to sum to 1."""
+        batch, length, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        probs = F.softmax(self.linear(layer, "router", flat, w).float(), dim=-1)
+        top, chosen = torch.topk(probs, self.config.experts_per_token, dim=-1)
+        top = (top / top.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for expert in range(self.config.num_experts):
+            tokens, slot = torch.where(chosen == expert)
+            if not len(tokens):
+                continue
+            e = f".{expert}"
+            inner = self.activation(self.linear(layer, "gate" + e, flat[tokens], w)) * self.linear(layer, "up" + e, flat[tokens], w)
+            y = self.linear(layer, "down" + e, inner, w)
+            if hook is not None:
+                routed = torch.zeros(batch * length, dtype=torch.bool, device=x.device)
+                routed[tokens] = True
+                dense_in = inner.new_zeros(batch * length, inner.shape[-1]).index_copy(0, tokens, inner)
+                dense_out = y.new_zeros(batch * length, hidden).index_copy(0, tokens, y)
+                replaced = hook(layer, dense_in.view(batch, length, -1), dense_out.view(batch, length, hidden), expert=expert, routed=routed.view(batch, length))
+                if replaced is not None:
+                    y = replaced.reshape(batch * length, hidden)[tokens]
+            out.index_add_(0, tokens, y * top[tokens, slot, None])
+        return out.view(batch, length, hidden)
+
     def run_layer(self, layer: int, h: torch.Tensor, weights: dict[str, torch.Tensor] | None = None, hook: MlpHook | None = None) -> torch.Tensor:
         """One decoder layer on hidden states h (B,T,H); loads the layer unless weights are given."""
         w = weights if weights is not None else self.layer_weights(layer)
         length = h.shape[1]
-        rope = self.rope(length)
-        mask = causal_mask(length, self.config.sliding_window, self.device)
-        eps = self.config.norm_eps
-        h = h + self.attention(layer, rms_norm(h, w["attn_norm"], eps), w, rope, mask)
-        return h + self.mlp(layer, rms_norm(h, w["mlp_norm"], eps), w, hook)
+        rope = self.rope(length, layer)
+        mask = causal_mask(length, self.config.sliding_window if self.is_sliding(layer) else None, self.device)
+        pre_norm = self.family.pre_norm
+        attn = self.attention(layer, self.norm(h, w.get("attn_norm")) if pre_norm else h, w, rope, mask)
+        if "post_attn_norm" in w:
+            attn = self.norm(attn, w["post_attn_norm"])
+        h = h + attn
+        out = self.mlp(layer, self.norm(h, w.get("mlp_norm")) if pre_norm else h, w, hook)
+        if "post_mlp_norm" in w:
+            out = self.norm(out, w["post_mlp_norm"])
+        return h + out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head, the head streamed in row chunks of the vocabulary."""
+        """Final norm and LM head, the head streamed in row chunks of the vocabulary; soft-capped where the family does."""
         names = self.family.global_tensors(self.config)
-        x = rms_norm(h, self._get(names["final_norm"]), self.config.norm_eps)
+        x = self.norm(h, self._get(names["final_norm"]) if "final_norm" in names else None)
         chunks = []
         for start in range(0, self.config.vocab_size, HEAD_CHUNK_ROWS):
             rows = slice(start, min(start + HEAD_CHUNK_ROWS, self.config.vocab_size))
             head = self.checkpoint.load(names["head"], self.dtype, rows=rows).to(self.device)
             chunks.append(F.linear(x, head))
-        return torch.cat(chunks, dim=-1)
+        logits = torch.cat(chunks, dim=-1)
+        cap = self.config.final_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def layers(self, start: int = 0) -> Sequence[int]:
         return range(start, self.config.num_layers)

@@ -21,21 +21,59 @@ LLAMA_KW = dict(
 )
 
 
+FAMILY_KW: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=5),
+    "qwen2": {},
+    "qwen3": dict(head_dim=16),
+    "phi3": dict(partial_rotary_factor=0.5, pad_token_id=0),
+    "olmo": dict(clip_qkv=0.9),
+    "olmo2": {},
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
+    "gemma3_text": dict(
+        head_dim=16, sliding_window=5, query_pre_attn_scalar=24, final_logit_softcapping=5.0, sliding_window_pattern=2,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+    ),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+}
+"""What each family's tiny model sets beyond LLAMA_KW, chosen to exercise its switches
+(a sliding window shorter than the test prompts, soft-caps small enough to bite, partial rotary...)."""
+
+CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+}
+
+
 def build(family: str, directory: Path, seed: int = 0, **overrides) -> torch.nn.Module:
-    """Save a tiny random model of `family` (fp32) into `directory` with a byte-level tokenizer."""
+    """Save a tiny random model of `family` (fp32) into `directory` with a byte-level tokenizer.
+
+    Every matrix is redrawn larger than the default init so layers do something
+    visible, and every vector (norm weights, biases) gets noise, so a forward
+    that ignored a norm weight or a bias could not match.
+    """
     import transformers
 
     torch.manual_seed(seed)
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[family]
-    config = config_cls(**{**LLAMA_KW, **overrides})
-    model = model_cls(config).eval()
+    config_name, model_name = CLASSES[family]
+    config = getattr(transformers, config_name)(**{**LLAMA_KW, **FAMILY_KW[family], **overrides})
+    model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():
-        for p in model.parameters():  # larger than the default init so layers do something visible
-            if p.ndim == 2:
+        for p in model.parameters():
+            if p.ndim >= 2:
                 p.normal_(0, 0.08)
+            else:
+                p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(directory, safe_serialization=True)
     write_tokenizer(directory, config.vocab_size)
     return model
@@ -54,12 +92,31 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
     tok.save(str(directory / "tokenizer.json"))
 
 
-def plant(model: torch.nn.Module, directory: Path, weights: list[tuple[int, int, int]], value: float = 30.0, gain: float = 25.0) -> None:
-    """Plant super weights: W_down[row, col] = value and amplified gate/up rows `col` so channel col carries a big input."""
+def mlp_matrices(model: torch.nn.Module, layer: int, expert: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views (gate, up, down) of one layer's MLP, or of one routed expert's, whatever the family's layout."""
+    block = model.model.layers[layer]
+    if expert is not None:  # transformers v5 keeps experts as 3D parameters: gate_up (E, 2I, H), down (E, H, I)
+        experts = block.mlp.experts
+        gate, up = experts.gate_up_proj[expert].chunk(2, dim=0)
+        return gate, up, experts.down_proj[expert]
+    mlp = block.mlp
+    if hasattr(mlp, "gate_up_proj"):  # Phi-3
+        gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+        return gate, up, mlp.down_proj.weight
+    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+
+
+def plant(model: torch.nn.Module, directory: Path, weights: list[tuple[int, ...]], value: float = 30.0, gain: float = 25.0) -> None:
+    """Plant super weights: W_down[row, col] = value and amplified gate/up rows `col` so channel col carries a big input.
+
+    A weight is (layer, row, col) or, for routed experts, (layer, row, col, expert);
+    the spike then appears on the tokens the router sends to that expert.
+    """
     with torch.no_grad():
-        for layer, row, col in weights:
-            mlp = model.model.layers[layer].mlp
-            mlp.gate_proj.weight[col] *= gain
-            mlp.up_proj.weight[col] *= gain
-            mlp.down_proj.weight[row, col] = value
+        for layer, row, col, *rest in weights:
+            expert = rest[0] if rest else None
+            gate, up, down = mlp_matrices(model, layer, expert)
+            gate[col] *= gain
+            up[col] *= gain
+            down[row, col] = value
     model.save_pretrained(directory, safe_serialization=True)
