@@ -16,6 +16,9 @@ so variants share the loaded weights and differ only in that subtraction.
    remain in a variant at coordinates not yet examined become new candidates.
    A spike yields a candidate only if one weight contributes at least
    `min_share` of it (distributed spikes have no single culprit).
+   With routed experts (Mixtral) every expert's down projection is examined
+   on its own, over only the tokens the router sent to it; a candidate then
+   names its expert (the "super expert").
 3. It stops when no new candidate appears (or after `max_rounds`). A candidate is
    a super weight when zeroing it alone shifts the prompt's next-token
    distributions (mean KL divergence, nats) by at least `min_effect` and by at
@@ -39,6 +42,9 @@ from swtool.forward import LayerStream
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 Coord = tuple[int, int, int]
 """(layer, row, col) of a down_proj weight, HF `nn.Linear` order."""
+Key = tuple[int, int, int, int]
+"""(layer, expert or -1 for a dense MLP, row, col): one down projection weight, experts included."""
+DENSE = -1
 
 
 @dataclass
@@ -51,6 +57,8 @@ class LayerStats:
     out_channel: int
     out_token: int
     out_median: float
+    expert: int | None = None
+    """The routed expert these statistics cover (its tokens only); None for a dense MLP."""
 
     @property
     def ratio(self) -> float:
@@ -87,6 +95,10 @@ class Candidate:
     @property
     def coord(self) -> Coord:
         return (self.layer, self.row, self.col)
+
+    @property
+    def key(self) -> Key:
+        return (self.layer, DENSE if self.expert is None else self.expert, self.row, self.col)
 
 
 @dataclass
@@ -163,16 +175,15 @@ class Detector:
         self.min_effect = min_effect
         self.relative_effect = relative_effect
         self.max_rounds = max_rounds
-        self.ancestors: dict[Coord, frozenset[Coord]] = {}
+        self.ancestors: dict[Key, frozenset[Key]] = {}
         """For each candidate, the weights zeroed in the variant where its spike appeared."""
         self.progress = progress
-        self.down_names = [self.stream.family.layer_tensors(self.stream.config, i)["down"] for i in range(self.stream.config.num_layers)]
         self.inputs: list[torch.Tensor] = []
         """Hidden state entering each layer in the original model (B=1), cached by pass 1."""
 
     # -- one streamed pass ------------------------------------------------------
 
-    def _pass(self, variants: list[frozenset[Coord]], start: int, probes: list[Candidate | None]) -> _Pass:
+    def _pass(self, variants: list[frozenset[Key]], start: int, probes: list[Candidate | None]) -> _Pass:
         """Run layers from `start` with one batch row per variant.
 
         `probes[v]` names a candidate whose spike value (at its layer, token and
@@ -185,66 +196,74 @@ class Detector:
         spikes: list[list[tuple]] = [[] for _ in variants]
         probed = [float("nan")] * batch
         record_inputs = not self.inputs
-        zeroed_at: dict[int, list[tuple[int, int, int]]] = {}
-        for v, coords in enumerate(variants):
-            for layer, row, col in coords:
-                zeroed_at.setdefault(layer, []).append((v, row, col))
+        zeroed_at: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for v, keys in enumerate(variants):
+            for layer, expert, row, col in keys:
+                zeroed_at.setdefault((layer, expert), []).append((v, row, col))
         total = self.stream.config.num_layers
         for layer in self.stream.layers(start):
             if record_inputs:
                 self.inputs.append(h[:1].clone())
             weights = self.stream.layer_weights(layer)
-            down = weights["down"]
 
-            def hook(layer_index: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            def hook(layer_index: int, x: torch.Tensor, y: torch.Tensor, expert: int | None = None, routed: torch.Tensor | None = None) -> torch.Tensor:
+                e = DENSE if expert is None else expert
+                down = weights["down" if expert is None else f"down.{expert}"]
                 y = y.clone()
-                for v, row, col in zeroed_at.get(layer_index, []):
+                for v, row, col in zeroed_at.get((layer_index, e), []):
                     y[v, :, row] -= x[v, :, col] * down[row, col]
                 for v in range(batch):
-                    stats[v].append(_layer_stats(layer_index, x[v], y[v]))
-                    spike = self._spike(layer_index, x[v], y[v], down, variants[v])
+                    probe = probes[v]
+                    if probe is not None and probe.key[:2] == (layer_index, e):
+                        probed[v] = float(y[v, probe.token, probe.row])
+                    # An expert is judged on the tokens routed to it; the other rows are zeros.
+                    tokens = torch.arange(x.shape[1], device=x.device) if routed is None else routed[v].nonzero().flatten()
+                    if not len(tokens):
+                        continue
+                    xv, yv = x[v, tokens], y[v, tokens]
+                    stats[v].append(_layer_stats(layer_index, xv, yv, tokens, expert))
+                    spike = self._spike(layer_index, e, xv, yv, tokens, down, variants[v])
                     if spike is not None:
                         spikes[v].append(spike)
-                    probe = probes[v]
-                    if probe is not None and probe.layer == layer_index:
-                        probed[v] = float(y[v, probe.token, probe.row])
                 return y
 
             h = self.stream.run_layer(layer, h, weights, hook=hook)
-            del weights, down
+            del weights
             if self.progress:
                 self.progress(layer + 1, total)
         return _Pass(stats, spikes, probed, self.stream.logits(h))
 
-    def _spike(self, layer: int, x: torch.Tensor, y: torch.Tensor, down: torch.Tensor, zeroed: frozenset[Coord]) -> tuple | None:
+    def _spike(self, layer: int, expert: int, x: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor, down: torch.Tensor, zeroed: frozenset[Key]) -> tuple | None:
+        """The spike of one variant's down output (rows = `tokens` of the prompt), traced to its largest contributor."""
         magnitude = y.abs()
         median = float(magnitude.median())
         peak = float(magnitude.max())
         if peak < self.min_ratio * max(median, 1e-12):
             return None
-        token, row = divmod(int(magnitude.argmax()), magnitude.shape[1])
-        contribution = x[token] * down[row]
-        for z_layer, z_row, z_col in zeroed:
-            if z_layer == layer and z_row == row:
+        index, row = divmod(int(magnitude.argmax()), magnitude.shape[1])
+        contribution = x[index] * down[row]
+        for z_layer, z_expert, z_row, z_col in zeroed:
+            if (z_layer, z_expert, z_row) == (layer, expert, row):
                 contribution[z_col] = 0
         col = int(contribution.abs().argmax())
-        return (layer, row, col, token, float(y[token, row]), float(x[token, col]), peak / max(median, 1e-12), float(contribution[col] / y[token, row]))
+        share = float(contribution[col] / y[index, row])
+        return ((layer, expert, row, col), int(tokens[index]), float(y[index, row]), float(x[index, col]), peak / max(median, 1e-12), share)
 
     # -- the whole search -------------------------------------------------------
 
     def run(self) -> ScanResult:
         original = self._pass([frozenset()], 0, [None])
         original_logp = F.log_softmax(original.logits[0].float(), dim=-1)
-        candidates: dict[Coord, Candidate] = {}
+        candidates: dict[Key, Candidate] = {}
         new = self._new_candidates(original.spikes[0], frozenset(), candidates, round_=1)
         passes = 1
         while new and passes <= self.max_rounds:
             # One variant per new candidate zeroed alone (its effect), and one with the
             # candidates that revealed it zeroed too (to look for what hides behind them).
-            sources = [*new, *[c for c in new if self.ancestors[c.coord]]]
-            variants = [frozenset([c.coord]) for c in new]
-            variants += [self.ancestors[c.coord] | {c.coord} for c in new if self.ancestors[c.coord]]
-            start = min(layer for variant in variants for layer, _, _ in variant)
+            sources = [*new, *[c for c in new if self.ancestors[c.key]]]
+            variants = [frozenset([c.key]) for c in new]
+            variants += [self.ancestors[c.key] | {c.key} for c in new if self.ancestors[c.key]]
+            start = min(key[0] for variant in variants for key in variant)
             result = self._pass(variants, start, [*new, *[None] * (len(variants) - len(new))])
             passes += 1
             for index, cand in enumerate(new):
@@ -267,7 +286,7 @@ class Detector:
             prompt=self.prompt,
             tokens=int(self.token_ids.shape[1]),
             layers=original.stats[0],
-            candidates=sorted(candidates.values(), key=lambda c: (c.layer, c.row, c.col)),
+            candidates=sorted(candidates.values(), key=lambda c: c.key),
             passes=passes,
             settings={
                 "min_ratio": self.min_ratio,
@@ -279,26 +298,30 @@ class Detector:
             },
         )
 
-    def _new_candidates(self, spikes: list[tuple], zeroed: frozenset[Coord], known: dict[Coord, Candidate], round_: int) -> list[Candidate]:
+    def _new_candidates(self, spikes: list[tuple], zeroed: frozenset[Key], known: dict[Key, Candidate], round_: int) -> list[Candidate]:
         fresh = []
-        for layer, row, col, token, activation, x_value, ratio, share in spikes:
-            if (layer, row, col) in known or abs(share) < self.min_share:
+        for key, token, activation, x_value, ratio, share in spikes:
+            if key in known or abs(share) < self.min_share:
                 continue
-            self.ancestors[(layer, row, col)] = zeroed
+            self.ancestors[key] = zeroed
+            layer, e, row, col = key
+            expert = None if e == DENSE else e
+            down = self.stream.family.down_tensor(self.stream.config, layer, expert)
             cand = Candidate(
                 layer=layer,
-                tensor=self.checkpoint.stored_name(self.down_names[layer]),
+                tensor=self.checkpoint.stored_name(down),
                 row=row,
                 col=col,
-                value=float(self.checkpoint.load(self.down_names[layer], rows=[row])[0, col]),
+                value=float(self.checkpoint.load(down, rows=[row])[0, col]),
                 activation=activation,
                 input=x_value,
                 token=token,
                 ratio=ratio,
                 share=share,
                 round=round_,
+                expert=expert,
             )
-            known[cand.coord] = cand
+            known[key] = cand
             fresh.append(cand)
         return fresh
 
@@ -312,19 +335,21 @@ class Detector:
             cand.loss_ratio = float(after / before)
 
 
-def _layer_stats(layer: int, x: torch.Tensor, y: torch.Tensor) -> LayerStats:
+def _layer_stats(layer: int, x: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor, expert: int | None) -> LayerStats:
+    """Extremes of one down projection's input and output; rows of x and y are the prompt's `tokens`."""
     xa, ya = x.abs(), y.abs()
-    x_token, x_channel = divmod(int(xa.argmax()), xa.shape[1])
-    y_token, y_channel = divmod(int(ya.argmax()), ya.shape[1])
+    x_index, x_channel = divmod(int(xa.argmax()), xa.shape[1])
+    y_index, y_channel = divmod(int(ya.argmax()), ya.shape[1])
     return LayerStats(
         layer=layer,
         in_max=float(xa.max()),
         in_channel=x_channel,
-        in_token=x_token,
+        in_token=int(tokens[x_index]),
         out_max=float(ya.max()),
         out_channel=y_channel,
-        out_token=y_token,
+        out_token=int(tokens[y_index]),
         out_median=float(ya.median()),
+        expert=expert,
     )
 
 

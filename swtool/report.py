@@ -45,7 +45,8 @@ def render_scan(result: ScanResult) -> None:
     for column in ("layer", "tensor", "row", "col", "value", "activation", "effect (KL, nats)"):
         table.add_column(column, justify="right" if column not in ("tensor",) else "left")
     for c in result.super_weights:
-        table.add_row(str(c.layer), c.tensor, str(c.row), str(c.col), _fmt(c.value), _fmt(c.activation), _fmt(c.effect))
+        tensor = c.tensor if c.expert is None else f"{c.tensor} (expert {c.expert})"
+        table.add_row(str(c.layer), tensor, str(c.row), str(c.col), _fmt(c.value), _fmt(c.activation), _fmt(c.effect))
     if result.super_weights:
         stderr.print(table)
     else:
@@ -61,5 +62,6 @@ def render_scan(result: ScanResult) -> None:
     marked = {c.layer for c in result.super_weights}
     for s in result.layers:
         style = "bold red" if s.layer in marked else None
-        layers.add_row(str(s.layer), _fmt(s.in_max), str(s.in_channel), _fmt(s.out_max), str(s.out_channel), str(s.out_token), _fmt(s.ratio), style=style)
+        layer = str(s.layer) if s.expert is None else f"{s.layer} e{s.expert}"
+        layers.add_row(layer, _fmt(s.in_max), str(s.in_channel), _fmt(s.out_max), str(s.out_channel), str(s.out_token), _fmt(s.ratio), style=style)
     stderr.print(layers)

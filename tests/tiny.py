@@ -21,6 +21,10 @@ LLAMA_KW = dict(
 )
 
 
+HEAD_STD = 0.5
+"""The LM head is drawn larger than the rest so next-token distributions are peaked as a trained
+model's are; with near-uniform predictions, zeroing anything moves them by almost nothing."""
+
 FAMILY_KW: dict[str, dict] = {
     "llama": {},
     "mistral": dict(sliding_window=5),
@@ -59,7 +63,7 @@ def build(family: str, directory: Path, seed: int = 0, **overrides) -> torch.nn.
     """Save a tiny random model of `family` (fp32) into `directory` with a byte-level tokenizer.
 
     Every matrix is redrawn larger than the default init so layers do something
-    visible, and every vector (norm weights, biases) gets noise, so a forward
+    visible (the LM head larger still, see HEAD_STD), and every vector (norm weights, biases) gets noise, so a forward
     that ignored a norm weight or a bias could not match.
     """
     import transformers
@@ -74,6 +78,7 @@ def build(family: str, directory: Path, seed: int = 0, **overrides) -> torch.nn.
                 p.normal_(0, 0.08)
             else:
                 p.add_(torch.randn_like(p) * 0.1)
+        model.get_output_embeddings().weight.normal_(0, HEAD_STD)
     model.save_pretrained(directory, safe_serialization=True)
     write_tokenizer(directory, config.vocab_size)
     return model
@@ -110,7 +115,10 @@ def plant(model: torch.nn.Module, directory: Path, weights: list[tuple[int, ...]
     """Plant super weights: W_down[row, col] = value and amplified gate/up rows `col` so channel col carries a big input.
 
     A weight is (layer, row, col) or, for routed experts, (layer, row, col, expert);
-    the spike then appears on the tokens the router sends to that expert.
+    the spike then appears on the tokens the router sends to that expert. Where
+    a norm follows the MLP (Gemma-2/3, OLMo-2) it rescales the output to unit
+    RMS, so a massive activation survives it only through that norm's weight:
+    its entry `row` is set to `value` as well.
     """
     with torch.no_grad():
         for layer, row, col, *rest in weights:
@@ -119,4 +127,7 @@ def plant(model: torch.nn.Module, directory: Path, weights: list[tuple[int, ...]
             gate[col] *= gain
             up[col] *= gain
             down[row, col] = value
+            post_norm = getattr(model.model.layers[layer], "post_feedforward_layernorm", None)
+            if post_norm is not None:
+                post_norm.weight[row] = value
     model.save_pretrained(directory, safe_serialization=True)
