@@ -2,13 +2,17 @@
 
 Tensors are exposed under canonical Hugging Face names (gguf-py's own name map
 does the translation) and in HF layout: quantized blocks are dequantized on
-load, and the Q/K row permutation llama.cpp's converter applies to llama-style
-models is undone, so the same forward serves both formats. Reports still use
-the stored GGUF names and coordinates, which are unchanged for `ffn_down`.
+load, and what llama.cpp's converter changes is undone: the Q/K row
+permutation of llama-style models, Gemma's `1 +` folded into norm weights, and
+routed experts merged into one 3D tensor per projection (`ffn_down_exps`),
+which reads back as one 2D tensor per expert. So the same forward serves both
+formats. Reports still use the stored GGUF names and coordinates, which are
+unchanged for `ffn_down` (an expert's rows and columns index its slice).
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ from swtool.config import from_gguf
 from swtool.errors import SwtoolError
 
 ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+EXPERT = re.compile(r"\.experts\.(\d+)\.")
+"""A per-expert canonical name; llama.cpp stores `.experts.` merged across experts."""
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -64,7 +70,9 @@ class GGUFCheckpoint(Checkpoint):
         arch = self.meta.get("general.architecture")
         if not isinstance(arch, str):
             raise SwtoolError(f"{path}: GGUF has no general.architecture")
-        self.family: Family = family_for(arch)
+        if arch not in ARCH_BY_NAME:
+            raise SwtoolError(f"{path}: GGUF architecture {arch!r} is unknown to gguf-py")
+        self.family: Family = family_for(arch, int(self.meta.get(f"{arch}.expert_count") or 0))
         self.arch = arch
         tensors = {t.name: t for t in self.reader.tensors}
         embed = tensors.get("token_embd.weight")
@@ -72,6 +80,8 @@ class GGUFCheckpoint(Checkpoint):
             raise SwtoolError(f"{path}: GGUF has no token_embd.weight")
         vocab = int(embed.shape[-1])
         self.config = from_gguf(self.meta, arch, vocab, tied="output.weight" not in tensors)
+        self._expert_of: dict[str, int] = {}
+        """Canonical names that are one expert's slice of a merged 3D tensor -> that expert."""
         self._entries = self._canonical_map(tensors)
 
     def _canonical_map(self, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -80,15 +90,26 @@ class GGUFCheckpoint(Checkpoint):
         wanted = list(self.family.global_tensors(self.config).values())
         for layer in range(self.config.num_layers):
             wanted += self.family.layer_tensors(self.config, layer).values()
+        merged = set()
         for name in dict.fromkeys(wanted):
-            stored = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-            if stored in tensors:
-                canonical[name] = tensors.pop(stored)
-        canonical.update(tensors)  # GGUF-only tensors (rope_freqs...) stay reachable by their own name
+            expert = EXPERT.search(name)
+            lookup = EXPERT.sub(".experts.", name) if expert else name
+            stored = name_map.get_name(lookup, try_suffixes=(".weight", ".bias"))
+            if stored not in tensors:
+                continue
+            canonical[name] = tensors[stored]
+            if expert:
+                self._expert_of[name] = int(expert.group(1))
+                merged.add(stored)
+            else:
+                del tensors[stored]
+        # GGUF-only tensors (rope_freqs...) stay reachable by their own name
+        canonical.update({k: v for k, v in tensors.items() if k not in merged})
         return canonical
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(self._entries[name].shape))
+        shape = tuple(int(d) for d in reversed(self._entries[name].shape))
+        return shape[1:] if name in self._expert_of else shape
 
     def stored_name(self, name: str) -> str:
         return self._entries[name].name
@@ -99,6 +120,8 @@ class GGUFCheckpoint(Checkpoint):
     def _read(self, name: str, rows: Rows) -> torch.Tensor:
         tensor = self._entries[name]
         data = tensor.data
+        if name in self._expert_of:
+            data = data[self._expert_of[name]]
         shape = self.shape(name)
         permute_heads = self._permute_heads(name)
         if rows is not None and permute_heads is None and len(shape) > 1:
@@ -113,14 +136,16 @@ class GGUFCheckpoint(Checkpoint):
             out = unpermute_qk(out, permute_heads)
             if rows is not None:
                 out = out[rows]
+        if self.family.gguf_norm_offset and name.endswith("norm.weight"):
+            out = out - self.family.gguf_norm_offset
         return out
 
     def _permute_heads(self, name: str) -> int | None:
         if not self.family.gguf_permute_qk:
             return None
-        if name.endswith("self_attn.q_proj.weight"):
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             return self.config.num_heads
-        if name.endswith("self_attn.k_proj.weight"):
+        if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             return self.config.num_kv_heads
         return None
 

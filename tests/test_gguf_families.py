@@ -1,0 +1,63 @@
+"""The GGUF path: a tiny model converted as llama.cpp would reads back to the same numbers as its HF directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gguf_tiny import convert
+from swtool.checkpoint import open_checkpoint
+from swtool.forward import LayerStream
+from swtool.tokenizer import encode
+from tiny import build
+
+# GGUF stores no query_pre_attn_scalar: llama.cpp scales Gemma queries by head_dim (by hidden/heads for the
+# 27B models), so the Gemma models converted here use query_pre_attn_scalar = head_dim.
+CASES = {
+    "llama": {},
+    "llama-tied": {"tie_word_embeddings": True},
+    "qwen2": {},
+    "qwen3": {},
+    "phi3": {},
+    "olmo": {},
+    "olmo2": {},
+    "gemma2": {"query_pre_attn_scalar": 16},
+    "gemma3_text": {"query_pre_attn_scalar": 16},
+    "mixtral": {},
+}
+
+
+def logits(checkpoint, tokens: torch.Tensor) -> torch.Tensor:
+    stream = LayerStream(checkpoint)
+    h = stream.embed(tokens)
+    for layer in stream.layers():
+        h = stream.run_layer(layer, h)
+    return stream.logits(h)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gguf_reads_like_the_hf_directory(tmp_path, case):
+    family = case.removesuffix("-tied")
+    hf_dir = tmp_path / "hf"
+    build(family, hf_dir, **CASES[case])
+    convert(hf_dir, tmp_path / "tiny.gguf")
+    hf, gg = open_checkpoint(hf_dir), open_checkpoint(tmp_path / "tiny.gguf")
+    assert gg.format == "gguf"
+    wanted = [n for n in hf.names() if not (n == "lm_head.weight" and gg.config.tie_embeddings)]
+    for name in wanted:
+        assert gg.has(name), name
+        torch.testing.assert_close(gg.load(name), hf.load(name), rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert encode(gg, "Apple Inc. is a worldwide tech company.") == encode(hf, "Apple Inc. is a worldwide tech company.")
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    reference = logits(hf, tokens)
+    torch.testing.assert_close(logits(gg, tokens), reference, rtol=0, atol=1e-4 * float(reference.abs().max()))
+
+
+def test_gguf_experts_are_reported_under_the_merged_tensor(tmp_path):
+    build("mixtral", tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "tiny.gguf")
+    gg = open_checkpoint(tmp_path / "tiny.gguf")
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    assert gg.stored_name(name) == "blk.1.ffn_down_exps.weight"
+    assert gg.shape(name) == (64, 128)
+    assert torch.equal(gg.load(name, rows=[5]), gg.load(name)[5:6])
