@@ -89,13 +89,16 @@ def scan(
     min_ratio: Annotated[float, typer.Option(help="A down_proj output spike counts when |max| >= this times the layer's median |output|.")] = 100.0,
     min_effect: Annotated[float, typer.Option(help="Absolute floor on a super weight's effect (mean KL, nats, when zeroed).")] = 0.5,
     relative_effect: Annotated[float, typer.Option(help="A super weight's effect must also reach this fraction of the strongest candidate's.")] = 0.5,
+    expect: Annotated[Optional[str], typer.Option(help="Compare with this model's entries in the super weight directory (default: the model the checkpoint names, if listed).")] = None,
+    directory_files: Annotated[Optional[list[Path]], typer.Option("--directory-file", help="Local directory file whose entries --expect also considers (see `swtool directory --file`); repeatable.")] = None,
 ) -> None:
     """Stream a checkpoint layer by layer and report its super activations and super weights."""
 
     def run() -> int:
+        from swtool import directory as sw_directory
         from swtool.checkpoint import open_checkpoint
         from swtool.detect import scan as run_scan
-        from swtool.report import progress_bar, render_scan
+        from swtool.report import progress_bar, render_expected, render_scan
 
         compute = torch_dtype(dtype)
         if device.startswith("cuda"):
@@ -103,6 +106,9 @@ def scan(
 
             if not torch.cuda.is_available():
                 raise SwtoolError("--device cuda: no CUDA device is available (the CPU is the default)")
+        known = sw_directory.load(directory_files or [])
+        if expect is not None:
+            known.require(expect)  # fail before a long scan, not after
         failures = 0
         for model in models:
             try:
@@ -124,11 +130,38 @@ def scan(
                 failures += 1
                 print(f"swtool: error: {exc}", file=sys.stderr)
                 continue
+            doc = result.to_json()
+            comparison = sw_directory.expected(known, doc["super_weights"], [checkpoint.config.name, model.name, model.stem], expect)
+            if comparison is not None:
+                doc["expected"] = comparison
             if as_json:
-                print(json.dumps(result.to_json()), flush=True)
+                print(json.dumps(doc), flush=True)
             elif not quiet:
                 render_scan(result)
+                if comparison is not None:
+                    render_expected(comparison)
         return 2 if failures else 0
+
+    guarded(run)
+
+
+@app.command()
+def directory(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as one JSON document on stdout.")] = False,
+    files: Annotated[Optional[list[Path]], typer.Option("--file", help="Also read this local directory file (JSON Lines of entries or `swtool scan --json` documents); repeatable.")] = None,
+) -> None:
+    """List published super weight coordinates (and your own, with --file)."""
+
+    def run() -> int:
+        from swtool import directory as sw_directory
+        from swtool.report import render_directory
+
+        known = sw_directory.load(files or [])
+        if as_json:
+            print(json.dumps({"sources": known.sources, "entries": [e.to_json() for e in known.entries]}))
+        else:
+            render_directory(known)
+        return 0
 
     guarded(run)
 

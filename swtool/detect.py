@@ -111,6 +111,8 @@ class ScanResult:
     candidates: list[Candidate]
     passes: int
     settings: dict = field(default_factory=dict)
+    name: str = ""
+    """The model's own name (HF `_name_or_path`, GGUF `general.name`), or the file name without one."""
 
     @property
     def super_weights(self) -> list[Candidate]:
@@ -122,6 +124,7 @@ class ScanResult:
 
         return {
             "model": self.model,
+            "name": self.name,
             "architecture": self.architecture,
             "prompt": self.prompt,
             "tokens": self.tokens,
@@ -288,6 +291,7 @@ class Detector:
             layers=original.stats[0],
             candidates=sorted(candidates.values(), key=lambda c: c.key),
             passes=passes,
+            name=self.stream.config.name or (self.checkpoint.path.name if self.checkpoint.path.is_dir() else self.checkpoint.path.stem),
             settings={
                 "min_ratio": self.min_ratio,
                 "min_share": self.min_share,

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from swtool.detect import ScanResult
+from swtool.directory import FOUND, NOT_FOUND, Directory
 
 stderr = Console(stderr=True)
 
@@ -65,3 +66,35 @@ def render_scan(result: ScanResult) -> None:
         layer = str(s.layer) if s.expert is None else f"{s.layer} e{s.expert}"
         layers.add_row(layer, _fmt(s.in_max), str(s.in_channel), _fmt(s.out_max), str(s.out_channel), str(s.out_token), _fmt(s.ratio), style=style)
     stderr.print(layers)
+
+
+def render_directory(directory: Directory) -> None:
+    table = Table(title="Super weight directory (layer 0-based; row, col in HF nn.Linear order)", title_justify="left")
+    for column in ("model", "layer", "tensor in layer", "row", "col", "source"):
+        table.add_column(column, justify="right" if column in ("layer", "row", "col") else "left", overflow="fold")
+    notes: list[str] = []
+    for e in directory.entries:
+        tensor = e.tensor.removeprefix(f"model.layers.{e.layer}.").removeprefix(f"blk.{e.layer}.").removesuffix(".weight")
+        tensor += "" if e.expert is None else f" (expert {e.expert})"
+        source = e.source
+        if e.note:
+            notes.append(e.note)
+            source += f" (note {len(notes)})"
+        table.add_row(e.model, str(e.layer), tensor, str(e.row), str(e.col), source)
+    stderr.print(table)
+    for number, note in enumerate(notes, 1):
+        stderr.print(f"note {number}: {note}", markup=False)
+    for label, meaning in directory.sources.items():
+        stderr.print(f"{label}: {meaning}", markup=False)
+
+
+def render_expected(comparison: list[dict]) -> None:
+    model = comparison[0]["model"] if comparison else "?"
+    table = Table(title=f"Directory entries for {model}", title_justify="left")
+    for column in ("layer", "row", "col", "source", "status", "found at"):
+        table.add_column(column, justify="right" if column in ("layer", "row", "col") else "left")
+    styles = {FOUND: "green", NOT_FOUND: "red"}
+    for item in comparison:
+        where = ", ".join(f"{w['layer']} [{w['row']}, {w['col']}]" for w in item["found_at"] if item["status"] != FOUND)
+        table.add_row(str(item["layer"]), str(item["row"]), str(item["col"]), item["source"], item["status"], where, style=styles.get(item["status"], "yellow"))
+    stderr.print(table)
