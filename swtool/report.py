@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -60,9 +61,9 @@ def render_scan(result: ScanResult) -> None:
     layers = Table(title="down_proj maxima per layer", title_justify="left")
     for column in ("layer", "in max", "in ch", "out max", "out ch", "tok", "out/median"):
         layers.add_column(column, justify="right")
-    marked = {c.layer for c in result.super_weights}
+    marked = {(c.layer, c.expert) for c in result.super_weights}
     for s in result.layers:
-        style = "bold red" if s.layer in marked else None
+        style = "bold red" if (s.layer, s.expert) in marked else None
         layer = str(s.layer) if s.expert is None else f"{s.layer} e{s.expert}"
         layers.add_row(layer, _fmt(s.in_max), str(s.in_channel), _fmt(s.out_max), str(s.out_channel), str(s.out_token), _fmt(s.ratio), style=style)
     stderr.print(layers)
@@ -95,6 +96,6 @@ def render_expected(comparison: list[dict]) -> None:
         table.add_column(column, justify="right" if column in ("layer", "row", "col") else "left")
     styles = {FOUND: "green", NOT_FOUND: "red"}
     for item in comparison:
-        where = ", ".join(f"{w['layer']} [{w['row']}, {w['col']}]" for w in item["found_at"] if item["status"] != FOUND)
+        where = escape(", ".join(f"{w['layer']} [{w['row']}, {w['col']}]" for w in item["found_at"] if item["status"] != FOUND))
         table.add_row(str(item["layer"]), str(item["row"]), str(item["col"]), item["source"], item["status"], where, style=styles.get(item["status"], "yellow"))
     stderr.print(table)

@@ -61,3 +61,15 @@ def test_gguf_experts_are_reported_under_the_merged_tensor(tmp_path):
     assert gg.stored_name(name) == "blk.1.ffn_down_exps.weight"
     assert gg.shape(name) == (64, 128)
     assert torch.equal(gg.load(name, rows=[5]), gg.load(name)[5:6])
+
+
+def test_exporting_a_family_hf_export_cannot_describe_is_refused(tmp_path):
+    from swtool.checkpoint.hf_export import export_hf
+    from swtool.errors import SwtoolError
+
+    build("qwen2", tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "tiny.gguf")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SwtoolError, match="not supported"):
+        export_hf(open_checkpoint(tmp_path / "tiny.gguf"), tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []

@@ -13,15 +13,19 @@ from typing import Any
 
 import torch
 
+from swtool.arch import family_for
 from swtool.checkpoint.base import Checkpoint
 from swtool.checkpoint.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
 from swtool.config import ModelConfig
+from swtool.errors import SwtoolError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 def hf_config(config: ModelConfig, bos: int | None = None, eos: int | None = None) -> dict[str, Any]:
     """A transformers config.json describing `config` (transformers v4 and v5 both read it)."""
+    if family_for(config.model_type, config.num_experts).name != "llama":
+        raise SwtoolError(f"writing a {config.model_type} model as an HF directory is not supported yet (Llama and Mistral only)")
     out: dict[str, Any] = {
         "architectures": [ARCHITECTURES.get(config.model_type, "LlamaForCausalLM")],
         "model_type": config.model_type if config.model_type in ARCHITECTURES else "llama",
@@ -59,18 +63,18 @@ def exported_names(checkpoint: Checkpoint) -> list[str]:
 
 def export_hf(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype = torch.float16, max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None) -> None:
     """Write `checkpoint` into the (existing, empty) `directory`."""
+    meta = getattr(checkpoint, "meta", {})
+    config = hf_config(  # first: it refuses families it cannot describe before anything is written
+        checkpoint.config,
+        bos=meta.get("tokenizer.ggml.bos_token_id"),
+        eos=meta.get("tokenizer.ggml.eos_token_id"),
+    )
     names = exported_names(checkpoint)
     plan = [PlannedTensor(n, TORCH_TO_ST[dtype], checkpoint.shape(n)) for n in names]
     writer = ShardedWriter(directory, plan, {"format": "pt", **(metadata or {})}, max_shard_bytes)
     for name in names:
         writer.write(name, checkpoint.load(name, torch.float32).to(dtype))
     writer.close()
-    meta = getattr(checkpoint, "meta", {})
-    config = hf_config(
-        checkpoint.config,
-        bos=meta.get("tokenizer.ggml.bos_token_id"),
-        eos=meta.get("tokenizer.ggml.eos_token_id"),
-    )
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "tokenizer.json").write_text(checkpoint.tokenizer_json())
