@@ -73,11 +73,14 @@ def convert(directory: Path, out: Path, name: str = "tiny") -> None:
 
     token_vocab = json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]
     tokens = sorted(token_vocab, key=token_vocab.get) + [f"[PAD{i}]" for i in range(len(token_vocab), vocab)]
+    # llama.cpp refuses a BPE vocabulary without merges; one merge of the bytes 0x00 0x01 (never
+    # adjacent in test text) into the first spare id keeps tokenization byte by byte.
+    tokens[len(token_vocab)] = "\u0100\u0101"
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * len(token_vocab) + [gguf.TokenType.UNUSED] * (vocab - len(token_vocab)))
-    writer.add_token_merges([])
+    writer.add_token_types([gguf.TokenType.NORMAL] * (len(token_vocab) + 1) + [gguf.TokenType.UNUSED] * (vocab - len(token_vocab) - 1))
+    writer.add_token_merges(["\u0100 \u0101"])
 
     name_map = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), layers)
     experts: dict[str, list[tuple[int, torch.Tensor]]] = {}

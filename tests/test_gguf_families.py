@@ -73,3 +73,49 @@ def test_exporting_a_family_hf_export_cannot_describe_is_refused(tmp_path):
     with pytest.raises(SwtoolError, match="not supported"):
         export_hf(open_checkpoint(tmp_path / "tiny.gguf"), tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def chunk_perplexities(checkpoint, ids: list[int], n_ctx: int) -> list[float]:
+    """Running perplexity after each chunk, as llama-perplexity prints it: second half of each chunk, no BOS."""
+    stream = LayerStream(checkpoint)
+    nll, count, out = 0.0, 0, []
+    for c in range(len(ids) // n_ctx):
+        chunk = torch.tensor([ids[c * n_ctx : (c + 1) * n_ctx]])
+        h = stream.embed(chunk)
+        for layer in stream.layers():
+            h = stream.run_layer(layer, h)
+        logp = torch.log_softmax(stream.logits(h)[0].double(), dim=-1)
+        for j in range(n_ctx // 2, n_ctx - 1):
+            nll -= float(logp[j, chunk[0, j + 1]])
+            count += 1
+        out.append(float(torch.tensor(nll / count).exp()))
+    return out
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("case", ["llama", "olmo", "gemma2", "gemma3_text", "mixtral"])
+def test_llama_cpp_runs_the_converted_gguf_as_swtool_does(tmp_path, case):
+    """llama.cpp's own inference on the converted file gives swtool's perplexities: the conversion conventions
+    the GGUF tests rely on (Q/K permutation, Gemma's 1 + w, merged experts, metadata) are llama.cpp's."""
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    folder = os.environ.get("SWTOOL_LLAMA_CPP")
+    if not folder:
+        pytest.skip("set SWTOOL_LLAMA_CPP to the folder of llama.cpp's binaries (llama-perplexity)")
+    build(case, tmp_path / "hf", **CASES[case])
+    convert(tmp_path / "hf", tmp_path / "tiny.gguf")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    run = subprocess.run(
+        [str(Path(folder) / "llama-perplexity"), "-m", str(tmp_path / "tiny.gguf"), "-f", str(text), "-c", "64", "-b", "64", "-t", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "LD_LIBRARY_PATH": folder},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+)", run.stdout + run.stderr)]
+    gg = open_checkpoint(tmp_path / "tiny.gguf")
+    ours = chunk_perplexities(gg, encode(gg, text.read_text()), 64)
+    assert len(ours) == len(theirs) >= 3
+    assert ours == pytest.approx(theirs, rel=2e-3)
