@@ -59,7 +59,7 @@ class Family:
     """HF `model_type` values (and GGUF `general.architecture` values) served by this family."""
     gguf_arch: str | None
     """llama.cpp's architecture name, or None where llama.cpp has none."""
-    tensors: dict[str, str] = field(default_factory=lambda: {**PRE_NORMS, **LLAMA_ATTENTION, **DENSE_MLP})
+    tensors: dict[str, str] = field(default_factory=lambda: {**PRE_NORMS, **LLAMA_ATTENTION, **DENSE_MLP}, hash=False)
     """Role -> name template below `model.layers.N.` ({expert} expands per routed expert)."""
     gguf_permute_qk: bool = False
     """llama.cpp's converter permutes Q/K rows for interleaved RoPE in this architecture."""
