@@ -63,3 +63,14 @@ def render_scan(result: ScanResult) -> None:
         style = "bold red" if s.layer in marked else None
         layers.add_row(str(s.layer), _fmt(s.in_max), str(s.in_channel), _fmt(s.out_max), str(s.out_channel), str(s.out_token), _fmt(s.ratio), style=style)
     stderr.print(layers)
+
+
+def render_quantize(report, output) -> None:
+    """One summary of `swtool quantize` (a swtool.quantize.QuantizeReport) on stderr."""
+    stderr.print(f"[bold]{output}[/]: {report.quantized} tensors quantized, {report.kept} kept as stored")
+    for tensor, row, col, value in report.held:
+        stderr.print(f"  held out {tensor}[{row}, {col}] = {_fmt(value)} (fp16, restored on dequantize)")
+    if not report.held:
+        stderr.print("  no super weight held out")
+    if report.thresholds:
+        stderr.print(f"  --clip auto clipped {len(report.thresholds)} tensors")
