@@ -166,6 +166,105 @@ def directory(
     guarded(run)
 
 
+@app.command(rich_help_panel="Quantize")
+def quantize(
+    model: Annotated[Path, typer.Argument(help="HF model directory or GGUF file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (or file, for --format gguf).")],
+    bits: Annotated[int, typer.Option(help="Bits per weight: 8, 4, 3 or 2.", rich_help_panel="Quantization")] = 4,
+    block: Annotated[str, typer.Option(help="Block: N consecutive elements of the row-major (out, in) weight, 'channel' (one row) or 'tensor'.", rich_help_panel="Quantization")] = "512",
+    sym: Annotated[bool, typer.Option("--sym", help="Symmetric absmax scales instead of asymmetric min-max.", rich_help_panel="Quantization")] = False,
+    clip: Annotated[str, typer.Option(help="Outlier clipping: none, z:K (per block, mean|w| + K std|w|), pct:P (per block, the 1-P quantile of |w|) or auto (per tensor, least own error).", rich_help_panel="Quantization")] = "none",
+    include_embeddings: Annotated[bool, typer.Option("--include-embeddings", help="Quantize the token embeddings too.", rich_help_panel="Quantization")] = False,
+    include_head: Annotated[bool, typer.Option("--include-head", help="Quantize the LM head too.", rich_help_panel="Quantization")] = False,
+    keep_super: Annotated[bool, typer.Option("--keep-super/--no-keep-super", help="Hold super weights out of quantization and keep them exactly (fp16).", rich_help_panel="Super weights")] = True,
+    super_file: Annotated[Optional[str], typer.Option("--super", help="`swtool scan --json` output naming the super weights (FILE, or - for stdin); without it quantize runs the scan.", rich_help_panel="Super weights")] = None,
+    out_format: Annotated[str, typer.Option("--format", help="Output format: safetensors or gguf.", rich_help_panel="Output")] = "safetensors",
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.", rich_help_panel="Output")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.", rich_help_panel="Output")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Round-to-nearest block quantization, streamed tensor by tensor, with super weights held out."""
+
+    def run() -> int:
+        from swtool import __version__
+        from swtool.checkpoint import open_checkpoint
+        from swtool.checkpoint.atomic import atomic_output, check_target
+        from swtool.checkpoint.safetensors_out import parse_size
+        from swtool.quant.rtn import QuantSpec, check_bits, parse_block, parse_clip
+        from swtool.quant.supers import from_scan, read_argument
+        from swtool.quantize import WRITERS, QuantizeJob, input_hashes, refuse_quantized, targets
+        from swtool.report import progress_bar, render_quantize
+
+        spec = QuantSpec(check_bits(bits), parse_block(block), sym, parse_clip(clip))
+        max_bytes = parse_size(max_shard_size)
+        if out_format not in WRITERS:
+            raise SwtoolError(f"--format {out_format!r}: expected one of {', '.join(WRITERS)}")
+        if super_file is not None and not keep_super:
+            raise SwtoolError("--super and --no-keep-super contradict each other")
+        writer, is_directory = WRITERS[out_format]
+        checkpoint = open_checkpoint(model)
+        refuse_quantized(checkpoint)
+        check_target(output, [model], force)
+        inputs = input_hashes(checkpoint)
+        held = []
+        if super_file is not None:
+            held, label, digest = read_argument(super_file, checkpoint, sys.stdin)
+            inputs[label] = digest
+        elif keep_super:
+            from swtool.detect import scan as run_scan
+
+            with progress_bar(f"scan {model.name}", enabled=not quiet) as progress:
+                held = from_scan(run_scan(checkpoint, progress=progress), checkpoint)
+        options = {
+            "bits": bits, "block": spec.block, "sym": sym, "clip": str(spec.clip), "keep_super": keep_super,
+            "super": "scan" if super_file is None and keep_super else super_file, "include_embeddings": include_embeddings,
+            "include_head": include_head, "format": out_format, "max_shard_size": max_shard_size,
+        }
+        job = QuantizeJob(
+            checkpoint,
+            spec,
+            targets(checkpoint, include_embeddings, include_head),
+            held,
+            {"source": str(model.resolve()), "version": __version__, "options": options, "inputs": inputs},
+            max_bytes,
+        )
+        with atomic_output(output, directory=is_directory, inputs=[model], force=force) as temp:
+            with progress_bar(f"quantize {model.name}", enabled=not quiet) as progress:
+                report = writer(job, temp, progress)
+        if not quiet:
+            render_quantize(report, output)
+        return 0
+
+    guarded(run)
+
+
+@app.command(rich_help_panel="Quantize")
+def dequantize(
+    quantized: Annotated[Path, typer.Argument(help="A directory written by swtool quantize.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output HF model directory.")],
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: the source's dtype, recorded at quantization).")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Write a quantized checkpoint back as a standard Hugging Face checkpoint, super weights restored."""
+
+    def run() -> int:
+        from swtool.checkpoint import open_checkpoint
+        from swtool.checkpoint.atomic import atomic_output, check_target
+        from swtool.checkpoint.safetensors_out import parse_size
+        from swtool.quantize import dequantize_to, require_quantized
+
+        target_dtype = torch_dtype(dtype) if dtype is not None else None
+        max_bytes = parse_size(max_shard_size)
+        checkpoint = require_quantized(open_checkpoint(quantized))
+        check_target(output, [quantized], force)
+        with atomic_output(output, directory=True, inputs=[quantized], force=force) as temp:
+            dequantize_to(checkpoint, temp, target_dtype, max_bytes)
+        return 0
+
+    guarded(run)
+
+
 def main() -> None:
     app()
 

@@ -99,3 +99,14 @@ def render_expected(comparison: list[dict]) -> None:
         where = escape(", ".join(f"{w['layer']} [{w['row']}, {w['col']}]" for w in item["found_at"] if item["status"] != FOUND))
         table.add_row(str(item["layer"]), str(item["row"]), str(item["col"]), item["source"], item["status"], where, style=styles.get(item["status"], "yellow"))
     stderr.print(table)
+
+
+def render_quantize(report, output) -> None:
+    """One summary of `swtool quantize` (a swtool.quantize.QuantizeReport) on stderr."""
+    stderr.print(f"[bold]{output}[/]: {report.quantized} tensors quantized, {report.kept} kept as stored")
+    for tensor, row, col, value in report.held:
+        stderr.print(f"  held out {tensor}[{row}, {col}] = {_fmt(value)} (fp16, restored on dequantize)")
+    if not report.held:
+        stderr.print("  no super weight held out")
+    if report.thresholds:
+        stderr.print(f"  --clip auto clipped {len(report.thresholds)} tensors")

@@ -1,4 +1,4 @@
-"""Open any checkpoint swtool reads: an HF directory or a GGUF file."""
+"""Open any checkpoint swtool reads: an HF directory, a swtool-quantized directory or a GGUF file."""
 
 from __future__ import annotations
 
@@ -15,8 +15,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not path.exists():
         raise SwtoolError(f"{path}: no such file or directory")
     if path.is_dir():
+        from swtool.checkpoint.quantized_in import QuantizedCheckpoint, directory_metadata
         from swtool.checkpoint.safetensors_in import SafetensorsCheckpoint
+        from swtool.quant.layout import is_quantized
 
+        metadata = directory_metadata(path)
+        if is_quantized(metadata):
+            return QuantizedCheckpoint(path, metadata)
         return SafetensorsCheckpoint(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise SwtoolError(

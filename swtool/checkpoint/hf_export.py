@@ -61,21 +61,38 @@ def exported_names(checkpoint: Checkpoint) -> list[str]:
     return [n for n in checkpoint.names() if n.startswith(("model.", "lm_head."))]
 
 
-def export_hf(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype = torch.float16, max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None) -> None:
-    """Write `checkpoint` into the (existing, empty) `directory`."""
-    meta = getattr(checkpoint, "meta", {})
-    config = hf_config(  # first: it refuses families it cannot describe before anything is written
-        checkpoint.config,
-        bos=meta.get("tokenizer.ggml.bos_token_id"),
-        eos=meta.get("tokenizer.ggml.eos_token_id"),
-    )
+def write_weights(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype, max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None) -> None:
+    """Stream every HF-named tensor of `checkpoint`, cast to `dtype`, into safetensors shards in `directory`."""
     names = exported_names(checkpoint)
     plan = [PlannedTensor(n, TORCH_TO_ST[dtype], checkpoint.shape(n)) for n in names]
     writer = ShardedWriter(directory, plan, {"format": "pt", **(metadata or {})}, max_shard_bytes)
     for name in names:
         writer.write(name, checkpoint.load(name, torch.float32).to(dtype))
     writer.close()
+
+
+def config_json(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:
+    """The config.json to write; raises before anything is written for families it cannot describe."""
+    meta = getattr(checkpoint, "meta", {})
+    config = hf_config(
+        checkpoint.config,
+        bos=meta.get("tokenizer.ggml.bos_token_id"),
+        eos=meta.get("tokenizer.ggml.eos_token_id"),
+    )
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return config
+
+
+def write_model_files(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype, config: dict[str, Any] | None = None) -> None:
+    """config.json (built from the parsed config), tokenizer.json and a tokenizer_config.json."""
+    config = config or config_json(checkpoint, dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "tokenizer.json").write_text(checkpoint.tokenizer_json())
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
+
+
+def export_hf(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype = torch.float16, max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None) -> None:
+    """Write `checkpoint` into the (existing, empty) `directory`."""
+    config = config_json(checkpoint, dtype)
+    write_weights(checkpoint, directory, dtype, max_shard_bytes, metadata)
+    write_model_files(checkpoint, directory, dtype, config)

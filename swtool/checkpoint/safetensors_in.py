@@ -196,10 +196,18 @@ class SafetensorsCheckpoint(Checkpoint):
     def _read(self, name: str, rows: Rows) -> torch.Tensor:
         entry = self._entries[name]
         np_dtype, torch_dtype = DTYPES[entry.dtype]
+        if rows is None:
+            # A whole tensor is read into private memory rather than copied out of the map:
+            # mapped pages count towards the process's RSS until unmapped, so streaming a
+            # large model through the map would grow RSS to the model's size.
+            raw = np.empty(entry.nbytes, dtype=np.uint8)
+            with entry.file.open("rb") as fh:
+                fh.seek(entry.start)
+                if fh.readinto(memoryview(raw)) != entry.nbytes:
+                    raise SwtoolError(f"{entry.file}: tensor {name} is truncated")
+            return torch.from_numpy(raw.view(np_dtype).reshape(entry.shape)).view(torch_dtype)
         raw = self._map(entry.file)[entry.start : entry.start + entry.nbytes]
-        array = raw.view(np_dtype).reshape(entry.shape)
-        if rows is not None:
-            array = array[rows]
+        array = raw.view(np_dtype).reshape(entry.shape)[rows]
         return torch.from_numpy(np.array(array)).view(torch_dtype)
 
     def tokenizer_json(self) -> str:

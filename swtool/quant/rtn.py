@@ -1,0 +1,312 @@
+"""Block round-to-nearest (RTN) quantization with super weights held out and optional outlier clipping.
+
+A weight of shape (out, in) is flattened row-major and cut into blocks of
+`block` consecutive elements (the paper's definition: its "128x128" block is
+16384 consecutive elements); `channel` is one output row, `tensor` the whole
+weight. A size that is not a multiple of the block gets a shorter last block
+with its own scale, never a silent per-tensor fallback.
+
+Per block, with L = 2**bits - 1 levels:
+  asymmetric (default): scale = (max - min) / L, zero = min
+  symmetric (absmax):   scale = max|w| / (2**(bits-1) - 1), zero = -2**(bits-1) * scale
+and in both cases  code = clamp(floor((w - zero) / scale + 1/2), 0, L),  w' = code * scale + zero. Scale and zero are
+rounded to fp16 (how they are stored) *before* the codes are computed, so the
+stored numbers reproduce exactly the reconstruction that was optimised.
+
+Order of operations for one tensor: (1) every held-out super weight is replaced
+by the median of the rest of its block, so it cannot stretch the block's range;
+(2) clipping, if asked; (3) RTN; the held weights' exact values travel in an fp16
+side table and are written back by `dequantize`. Held weights are therefore
+never clipped.
+
+Everything is vectorised over blocks and processed in chunks of about a
+million elements, so temporaries stay small however large the tensor is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from swtool.errors import SwtoolError
+from swtool.quant.pack import WIDTHS, pack, unpack
+
+CHUNK = 1 << 20
+"""Elements processed per vectorised step (a whole number of blocks, at least one)."""
+
+AUTO_STEPS = 24
+AUTO_PATIENCE = 4
+"""`--clip auto` tries thresholds max|w| * 2**(-k/4), k = 1..AUTO_STEPS, stopping after
+AUTO_PATIENCE candidates in a row fail to beat the best so far."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """An outlier clipping rule: none, z:K (per block), pct:P (per block) or auto (per tensor)."""
+
+    kind: str = "none"
+    value: float = 0.0
+
+    def __str__(self) -> str:
+        return self.kind if self.kind in ("none", "auto") else f"{self.kind}:{self.value:g}"
+
+
+def parse_clip(text: str) -> Clip:
+    kind, _, raw = text.strip().partition(":")
+    if kind in ("none", "auto") and not raw:
+        return Clip(kind)
+    if kind in ("z", "pct") and raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if kind == "z" and value > 0 and math.isfinite(value):
+            return Clip("z", value)
+        if kind == "pct" and 0 < value < 1:
+            return Clip("pct", value)
+    raise SwtoolError(f"--clip {text!r}: expected none, auto, z:K (K > 0) or pct:P (0 < P < 1, a fraction)")
+
+
+def parse_block(text: str) -> int | str:
+    """'512' -> 512; 'channel' and 'tensor' stay names."""
+    text = str(text).strip()
+    if text in ("channel", "tensor"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise SwtoolError(f"--block {text!r}: expected a positive number of elements, 'channel' or 'tensor'") from None
+    if value <= 0:
+        raise SwtoolError(f"--block {value}: the block size must be a positive number of elements")
+    return value
+
+
+def check_bits(bits: int) -> int:
+    if bits not in WIDTHS:
+        raise SwtoolError(f"--bits {bits}: supported widths are {', '.join(map(str, WIDTHS))}")
+    return bits
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    block: int | str = 512
+    sym: bool = False
+    clip: Clip = field(default_factory=Clip)
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        parse_block(str(self.block))
+
+    def block_length(self, shape: Sequence[int]) -> int:
+        return block_length(self.block, shape)
+
+
+def block_length(block: int | str, shape: Sequence[int]) -> int:
+    """Elements per block for a tensor of `shape` (the last block may be shorter)."""
+    numel = math.prod(shape)
+    if block == "tensor":
+        return max(numel, 1)
+    if block == "channel":
+        return max(shape[-1] if shape else 1, 1)
+    return int(block)
+
+
+@dataclass
+class QuantizedTensor:
+    """One tensor in quantized form: everything needed to rebuild it, nothing else."""
+
+    codes: torch.Tensor
+    """Packed codes (uint8), see swtool.quant.pack."""
+    scale: torch.Tensor
+    """fp16, one per block."""
+    zero: torch.Tensor
+    """fp16, one per block."""
+    shape: tuple[int, ...]
+    bits: int
+    block: int
+    """Resolved block length in elements."""
+    held: list[tuple[int, int, float]] = field(default_factory=list)
+    """(row, col, fp16 value) of each held-out weight."""
+    threshold: float | None = None
+    """The clipping threshold --clip auto chose (None: no clipping helped, or another rule)."""
+
+
+def _parts(flat: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """2-D views (blocks, n) of a flat tensor: the full blocks, then the shorter last block if any."""
+    full = flat.numel() // n * n
+    parts = []
+    if full:
+        parts.append(flat[:full].view(-1, n))
+    if full < flat.numel():
+        parts.append(flat[full:].view(1, -1))
+    return parts
+
+
+def _chunks(part: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """Row ranges of a (blocks, n) view holding about CHUNK elements each."""
+    step = max(1, CHUNK // max(part.shape[1], 1))
+    for start in range(0, part.shape[0], step):
+        yield start, min(start + step, part.shape[0])
+
+
+def _scale_zero(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp16 scale and zero point of a (blocks, n) tensor."""
+    if sym:
+        half = 2 ** (bits - 1)
+        scale = (x.abs().amax(dim=1).float() / (half - 1)).half()
+        zero = (scale.float() * -half).half()
+    else:
+        low, high = (v.float() for v in torch.aminmax(x, dim=1))
+        scale = ((high - low) / (2**bits - 1)).half()
+        zero = low.half()
+    if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
+        raise SwtoolError("weights exceed the fp16 range of scales and zero points")
+    return scale, zero
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes of a (blocks, n) tensor in any float dtype: floor((x - zero) / scale + 1/2), clamped to [0, L].
+
+    Written as x * (1/scale) - (zero/scale - 1/2) so that one fp32 temporary
+    takes three in-place passes and the uint8 cast truncates (rounds half up).
+    """
+    s = scale.float()[:, None]
+    inverse = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    offset = zero.float()[:, None] * inverse - 0.5
+    q = torch.mul(x, inverse)
+    return q.sub_(offset).clamp_(0, 2**bits - 0.5).to(torch.uint8)
+
+
+def _quantize_flat(flat: torch.Tensor, n: int, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpacked codes (uint8, flat), scales and zeros (fp16, per block) of a flat fp32 tensor."""
+    codes = torch.empty(flat.numel(), dtype=torch.uint8)
+    scales, zeros = [], []
+    offset = 0
+    for part in _parts(flat, n):
+        for start, stop in _chunks(part):
+            x = part[start:stop]
+            scale, zero = _scale_zero(x, bits, sym)
+            codes[offset : offset + x.numel()] = _codes(x, scale, zero, bits).view(-1)
+            offset += x.numel()
+            scales.append(scale)
+            zeros.append(zero)
+    return codes, _join(scales, torch.float16), _join(zeros, torch.float16)
+
+
+def _join(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype)
+
+
+def _dequantize_flat(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.empty(codes.numel(), dtype=torch.float32)
+    block = 0
+    for code_part, out_part in zip(_parts(codes, n), _parts(out, n)):
+        for start, stop in _chunks(code_part):
+            s = scale[block + start : block + stop].float()[:, None]
+            z = zero[block + start : block + stop].float()[:, None]
+            torch.addcmul(z, code_part[start:stop].float(), s, out=out_part[start:stop])
+        block += code_part.shape[0]
+    return out
+
+
+def _hold_out(flat: torch.Tensor, n: int, positions: Sequence[int]) -> None:
+    """Replace each held position by the median of the other elements of its block (in place)."""
+    by_block: dict[int, list[int]] = {}
+    for p in positions:
+        by_block.setdefault(p // n, []).append(p)
+    for b, members in sorted(by_block.items()):
+        start, stop = b * n, min((b + 1) * n, flat.numel())
+        keep = torch.ones(stop - start, dtype=torch.bool)
+        keep[[p - start for p in members]] = False
+        rest = flat[start:stop][keep]
+        flat[members] = rest.median() if rest.numel() else 0.0
+
+
+def _clip_blocks(flat: torch.Tensor, n: int, clip: Clip) -> None:
+    """z:K and pct:P: clamp each block at its own threshold on |w| (in place)."""
+    for part in _parts(flat, n):
+        for start, stop in _chunks(part):
+            x = part[start:stop]
+            magnitude = x.abs()
+            if clip.kind == "z":
+                threshold = magnitude.mean(dim=1) + clip.value * magnitude.std(dim=1, correction=0)
+            else:
+                k = min(max(math.ceil((1 - clip.value) * x.shape[1]), 1), x.shape[1])
+                threshold = magnitude.kthvalue(k, dim=1).values
+            x.clamp_(-threshold[:, None], threshold[:, None])
+
+
+def _block_errors(x: torch.Tensor, reference: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    """Per-block squared reconstruction error (float64) of RTN applied to x, measured against reference."""
+    scale, zero = _scale_zero(x, bits, sym)
+    rebuilt = _codes(x, scale, zero, bits).float().mul_(scale.float()[:, None]).add_(zero.float()[:, None])
+    return (rebuilt - reference).pow_(2).sum(dim=1, dtype=torch.float64)
+
+
+def auto_threshold(flat: torch.Tensor, n: int, bits: int, sym: bool) -> float | None:
+    """The clipping threshold on |w| that minimises the tensor's own RTN error, or None if none helps.
+
+    Data-free: the error is ||RTN(clip(W)) - W||^2. Only blocks whose max |w|
+    exceeds a candidate threshold change, so each candidate re-quantizes those alone.
+    """
+    parts = _parts(flat, n)
+    peaks = [part.abs().amax(dim=1) for part in parts]
+    base = [_block_errors(part, part, bits, sym) for part in parts]
+    top = max(float(p.max()) for p in peaks)
+    best, best_gain, misses = None, 0.0, 0
+    for k in range(1, AUTO_STEPS + 1):
+        threshold = top * 2 ** (-k / 4)
+        gain = 0.0
+        for part, peak, errors in zip(parts, peaks, base):
+            rows = torch.nonzero(peak > threshold).view(-1)
+            if rows.numel():
+                chosen = part.index_select(0, rows)
+                clipped = chosen.clamp(-threshold, threshold)
+                gain += float(_block_errors(clipped, chosen, bits, sym).sum() - errors[rows].sum())
+        if gain < best_gain:
+            best, best_gain, misses = threshold, gain, 0
+        else:
+            misses += 1
+            if misses >= AUTO_PATIENCE:
+                break
+    return best
+
+
+def quantize(weight: torch.Tensor, spec: QuantSpec, held: Sequence[tuple[int, int]] = ()) -> QuantizedTensor:
+    """Quantize one weight (any float dtype, at least 1-D); `held` lists (row, col) to keep exactly."""
+    shape = tuple(weight.shape)
+    n = spec.block_length(shape)
+    columns = shape[-1] if len(shape) > 1 else 1
+    flat = weight.detach().reshape(-1)
+    if held or spec.clip.kind != "none":  # these edit the values: work on an fp32 copy, the caller's tensor stays untouched
+        flat = flat.float() if flat.dtype != torch.float32 else flat.clone()
+    positions = [row * columns + col for row, col in held]
+    kept = [(row, col, float(flat[p].half())) for (row, col), p in zip(held, positions)]
+    # otherwise flat keeps the source dtype (bf16, fp16, fp32): min/max are exact in it and _codes upcasts chunk by chunk
+    _hold_out(flat, n, positions)
+    threshold = None
+    if spec.clip.kind == "auto":
+        threshold = auto_threshold(flat, n, spec.bits, spec.sym)
+        if threshold is not None:
+            flat.clamp_(-threshold, threshold)
+    elif spec.clip.kind != "none":
+        _clip_blocks(flat, n, spec.clip)
+    codes, scale, zero = _quantize_flat(flat, n, spec.bits, spec.sym)
+    return QuantizedTensor(pack(codes, spec.bits), scale, zero, shape, spec.bits, n, kept, threshold)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """The fp32 reconstruction, held-out weights restored to their fp16 values."""
+    count = math.prod(q.shape)
+    if q.block <= 0 or q.scale.numel() != -(-count // q.block) or q.zero.numel() != q.scale.numel():
+        raise SwtoolError(f"quantized tensor of shape {list(q.shape)}: {q.scale.numel()} scales do not match blocks of {q.block}")
+    flat = _dequantize_flat(unpack(q.codes, q.bits, count), q.scale, q.zero, q.block)
+    columns = q.shape[-1] if len(q.shape) > 1 else 1
+    for row, col, value in q.held:
+        flat[row * columns + col] = value
+    return flat.view(q.shape)
+

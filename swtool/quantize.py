@@ -1,0 +1,203 @@
+"""`swtool quantize` and `swtool dequantize` as library calls: plan from headers, then stream one tensor at a time.
+
+Quantize: choose the tensors (the 2-D projections of each layer, per the
+family description; embeddings and head only when asked), plan every output
+tensor's name, dtype and shape before reading any weight, then load, quantize
+and write one tensor at a time. The output format is a writer picked by name
+(`WRITERS`), so GGUF output plugs in beside safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from swtool.arch import family_for
+from swtool.checkpoint.base import Checkpoint
+from swtool.checkpoint.quantized_in import QuantizedCheckpoint
+from swtool.checkpoint.hf_export import exported_names, write_model_files, write_weights
+from swtool.checkpoint.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
+from swtool.errors import SwtoolError
+from swtool.quant import layout
+from swtool.quant.rtn import QuantSpec, quantize
+from swtool.quant.supers import Held
+
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Files copied from an HF source (and from a quantized directory when dequantizing)."""
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class QuantizeJob:
+    checkpoint: Checkpoint
+    spec: QuantSpec
+    targets: list[str]
+    """Canonical names of the tensors to quantize, in checkpoint order."""
+    held: list[Held] = field(default_factory=list)
+    provenance: dict[str, object] = field(default_factory=dict)
+    max_shard_bytes: int = 5 * 10**9
+
+
+@dataclass
+class QuantizeReport:
+    quantized: int
+    kept: int
+    held: list[tuple[str, int, int, float]]
+    """(tensor, row, col, fp16 value) of each held-out weight."""
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """--clip auto: the threshold chosen per tensor (only where clipping helped)."""
+
+
+def targets(checkpoint: Checkpoint, include_embeddings: bool = False, include_head: bool = False) -> list[str]:
+    """The tensors to quantize: every layer's 2-D non-norm weights, plus embeddings/head when asked."""
+    config = checkpoint.config
+    family = family_for(config.model_type)
+    chosen: set[str] = set()
+    for layer in range(config.num_layers):
+        for role, name in family.layer_tensors(config, layer).items():
+            if "norm" not in role and name.endswith(".weight") and checkpoint.has(name) and len(checkpoint.shape(name)) == 2:
+                chosen.add(name)
+    globals_ = family.global_tensors(config)
+    if include_embeddings:
+        chosen.add(globals_["embed"])
+    if include_head:
+        chosen.add(globals_["head"])
+    return [n for n in exported_names(checkpoint) if n in chosen]
+
+
+def native_dtype(checkpoint: Checkpoint, name: str) -> torch.dtype:
+    """The dtype a tensor is stored in, where that is a float dtype torch has; fp16 for GGUF block types."""
+    return FLOAT_TYPES.get(checkpoint.stored_dtype(name), torch.float16)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_inputs(checkpoint: Checkpoint) -> list[Path]:
+    """Every file of the model that quantize reads: weights, config and tokenizer files."""
+    files = list(checkpoint.files)
+    if checkpoint.path.is_dir():
+        files += [checkpoint.path / f for f in MODEL_FILES if (checkpoint.path / f).is_file()]
+        index = checkpoint.path / "model.safetensors.index.json"
+        if index.is_file():
+            files.append(index)
+    return sorted(set(files))
+
+
+def input_hashes(checkpoint: Checkpoint) -> dict[str, str]:
+    root = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+    return {str(p.relative_to(root)): sha256(p) for p in model_inputs(checkpoint)}
+
+
+def held_values(job: QuantizeJob) -> dict[str, list[tuple[int, int, float]]]:
+    """Tensor -> (row, col, fp16 value) for the held weights of quantized tensors, read before any writing."""
+    out: dict[str, list[tuple[int, int, float]]] = {}
+    wanted = set(job.targets)
+    for h in job.held:
+        if h.tensor in wanted:
+            value = float(job.checkpoint.load(h.tensor, torch.float32, rows=[h.row])[0, h.col].half())
+            out.setdefault(h.tensor, []).append((h.row, h.col, value))
+    return out
+
+
+def write_safetensors(job: QuantizeJob, directory: Path, progress: Progress | None = None) -> QuantizeReport:
+    """The swtool-rtn directory: copied/produced model files plus safetensors shards (see swtool.quant.layout)."""
+    checkpoint, spec = job.checkpoint, job.spec
+    names = exported_names(checkpoint)
+    wanted = set(job.targets)
+    held = held_values(job)
+    dtype = native_dtype(checkpoint, job.targets[0]) if job.targets else torch.float16
+    plan: list[PlannedTensor] = []
+    for name in names:
+        if name in wanted:
+            plan += layout.planned(name, checkpoint.shape(name), spec.bits, spec.block)
+        else:
+            plan.append(PlannedTensor(name, TORCH_TO_ST[native_dtype(checkpoint, name)], checkpoint.shape(name)))
+    metadata = layout.metadata(spec.bits, spec.block, spec.sym, str(spec.clip), dtype, held, job.provenance)
+    writer = ShardedWriter(directory, plan, metadata, job.max_shard_bytes)
+    report = QuantizeReport(len(wanted), len(names) - len(wanted), [(t, r, c, v) for t, rows in held.items() for r, c, v in rows])
+    for index, name in enumerate(names):
+        weight = checkpoint.load(name, native_dtype(checkpoint, name))
+        if name in wanted:
+            q = quantize(weight, spec, [(r, c) for r, c, _ in held.get(name, [])])
+            del weight
+            if q.threshold is not None:
+                report.thresholds[name] = q.threshold
+            for stored_name, tensor in layout.stored(name, q):
+                writer.write(stored_name, tensor)
+        else:
+            writer.write(name, weight)
+        if progress:
+            progress(index + 1, len(names))
+    writer.close()
+    copy_model_files(checkpoint, directory, dtype)
+    return report
+
+
+def copy_model_files(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype) -> None:
+    """config.json and tokenizer files: copied from an HF directory, produced from GGUF metadata otherwise."""
+    if checkpoint.path.is_dir():
+        for name in MODEL_FILES:
+            if (checkpoint.path / name).is_file():
+                shutil.copyfile(checkpoint.path / name, directory / name)
+    else:
+        write_model_files(checkpoint, directory, dtype)
+
+
+def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -> QuantizeReport:
+    raise SwtoolError("--format gguf: not yet implemented")
+
+
+WRITERS: dict[str, tuple[Callable[[QuantizeJob, Path, Progress | None], QuantizeReport], bool]] = {
+    "safetensors": (write_safetensors, True),
+    "gguf": (write_gguf, False),
+}
+"""--format -> (writer, whether the output is a directory)."""
+
+
+def require_quantized(checkpoint: Checkpoint) -> QuantizedCheckpoint:
+    if not isinstance(checkpoint, QuantizedCheckpoint):
+        raise SwtoolError(f"{checkpoint.path}: not a swtool-quantized checkpoint (no swtool.format in its safetensors metadata)")
+    return checkpoint
+
+
+def refuse_quantized(checkpoint: Checkpoint) -> None:
+    if isinstance(checkpoint, QuantizedCheckpoint):
+        raise SwtoolError(f"{checkpoint.path}: already quantized by swtool ({layout.FORMAT}); quantize its source, or dequantize it first")
+
+
+def dequantize_to(checkpoint: QuantizedCheckpoint, directory: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9) -> torch.dtype:
+    """Write a swtool-quantized checkpoint back as a standard HF directory; returns the dtype written."""
+    dtype = dtype or checkpoint.header.dtype
+    write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT})
+    copy_model_files(checkpoint, directory, dtype)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return dtype
