@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from swtool.arch import Family, family_for
+from swtool.arch import Family, family_of
 from swtool.checkpoint.base import Checkpoint
 from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
@@ -130,7 +130,7 @@ class LayerStream:
         self.checkpoint = checkpoint
         self.input_hook = input_hook
         self.config = checkpoint.config
-        self.family: Family = family_for(self.config.model_type, self.config.num_experts)
+        self.family: Family = family_of(self.config)
         self.dtype = dtype
         self.device = torch.device(device)
         self.activation = ACTIVATIONS[self.family.activation]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from swtool.arch import family_for
+from swtool.arch import family_of
 from swtool.checkpoint.base import Checkpoint
 from swtool.checkpoint.quantized_in import QuantizedCheckpoint
 from swtool.checkpoint.hf_export import exported_names, write_model_files, write_weights
@@ -71,7 +71,7 @@ class QuantizeReport:
 def targets(checkpoint: Checkpoint, include_embeddings: bool = False, include_head: bool = False) -> list[str]:
     """The tensors to quantize: every layer's 2-D non-norm weights, plus embeddings/head when asked."""
     config = checkpoint.config
-    family = family_for(config.model_type)
+    family = family_of(config)
     chosen: set[str] = set()
     for layer in range(config.num_layers):
         for role, name in family.layer_tensors(config, layer).items():

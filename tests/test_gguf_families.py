@@ -119,3 +119,19 @@ def test_llama_cpp_runs_the_converted_gguf_as_swtool_does(tmp_path, case):
     ours = chunk_perplexities(gg, encode(gg, text.read_text()), 64)
     assert len(ours) == len(theirs) >= 3
     assert ours == pytest.approx(theirs, rel=2e-3)
+
+
+def test_a_planted_expert_super_weight_in_gguf_is_found_and_held_in_its_own_expert(tmp_path):
+    """Scan of a GGUF Mixtral reports the merged tensor plus the expert; quantize's hold-out maps it back to that expert."""
+    from swtool.detect import scan
+    from swtool.quant.supers import from_scan
+    from tiny import plant
+
+    model = build("mixtral", tmp_path / "hf", seed=1)
+    plant(model, tmp_path / "hf", [(1, 5, 17, 1)])  # expert 1 of this seed gets tokens on which channel 17 fires
+    convert(tmp_path / "hf", tmp_path / "tiny.gguf")
+    gg = open_checkpoint(tmp_path / "tiny.gguf")
+    result = scan(gg)
+    assert [(c.layer, c.tensor, c.row, c.col, c.expert) for c in result.super_weights] == [(1, "blk.1.ffn_down_exps.weight", 5, 17, 1)]
+    held = from_scan(result, gg)
+    assert [(h.tensor, h.row, h.col) for h in held] == [("model.layers.1.block_sparse_moe.experts.1.w2.weight", 5, 17)]

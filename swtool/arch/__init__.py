@@ -218,6 +218,11 @@ def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)
 
 
+def family_of(config: ModelConfig) -> Family:
+    """The family of a model's config (the one call for code that has a config)."""
+    return family_for(config.model_type, config.num_experts)
+
+
 def family_for(model_type: str, num_experts: int = 0) -> Family:
     """The family serving `model_type`; llama.cpp writes Mixtral as `llama` with experts, hence `num_experts`."""
     if model_type == "llama" and num_experts:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from swtool.arch import family_for
+from swtool.arch import family_of
 from swtool.checkpoint.base import Checkpoint
 from swtool.checkpoint.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
 from swtool.config import ModelConfig
@@ -24,7 +24,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 def hf_config(config: ModelConfig, bos: int | None = None, eos: int | None = None) -> dict[str, Any]:
     """A transformers config.json describing `config` (transformers v4 and v5 both read it)."""
-    if family_for(config.model_type, config.num_experts).name != "llama":
+    if family_of(config).name != "llama":
         raise SwtoolError(f"writing a {config.model_type} model as an HF directory is not supported yet (Llama and Mistral only)")
     out: dict[str, Any] = {
         "architectures": [ARCHITECTURES.get(config.model_type, "LlamaForCausalLM")],

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from swtool.arch import family_of
 from swtool.checkpoint.base import Checkpoint
 from swtool.detect import ScanResult
 from swtool.errors import SwtoolError
@@ -75,6 +76,11 @@ def resolve(entries: list[dict], checkpoint: Checkpoint, where: str) -> list[Hel
         if not isinstance(tensor, str) or not all(isinstance(v, int) and not isinstance(v, bool) for v in (row, col)):
             raise SwtoolError(f"{where}: super_weights[{index}] needs a string tensor and integer row and col")
         name = by_stored.get(tensor, tensor if checkpoint.has(tensor) else None)
+        if entry.get("expert") is not None and isinstance(entry.get("layer"), int):
+            # Routed experts may share one stored tensor (GGUF's merged ffn_down_exps): name the expert's own slice.
+            config = checkpoint.config
+            expert_name = family_of(config).down_tensor(config, entry["layer"], int(entry["expert"]))
+            name = expert_name if checkpoint.has(expert_name) and tensor in (expert_name, checkpoint.stored_name(expert_name)) else None
         if name is None:
             raise SwtoolError(f"{where}: tensor {tensor} is not in {checkpoint.path} (a scan of another model?)")
         shape = checkpoint.shape(name)
