@@ -62,7 +62,7 @@ def convert(directory: Path, out: Path, name: str = "tiny") -> None:
     if cfg.get("num_local_experts"):
         writer.add_expert_count(cfg["num_local_experts"])
         writer.add_expert_used_count(cfg["num_experts_per_tok"])
-    if cfg.get("sliding_window") and model_type in ("gemma2", "gemma3_text", "mistral"):
+    if cfg.get("sliding_window") and model_type in ("gemma2", "gemma3_text"):  # not for Mistral: llama.cpp's llama arch has none
         writer.add_sliding_window(cfg["sliding_window"])
     if cfg.get("layer_types") and model_type == "gemma3_text":
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])

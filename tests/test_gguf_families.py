@@ -21,6 +21,7 @@ CASES = {
     "phi3": {},
     "olmo": {},
     "olmo2": {},
+    "gemma": {},
     "gemma2": {"query_pre_attn_scalar": 16},
     "gemma3_text": {"query_pre_attn_scalar": 16},
     "mixtral": {},
