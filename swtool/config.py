@@ -92,6 +92,8 @@ def _hf_rope(cfg: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
     params.update({k: v for k, v in legacy.items() if k not in params})
     if "type" in params and "rope_type" not in params:
         params["rope_type"] = params.pop("type")
+    if params.get("rope_type") == "su":  # early Phi-3 configs' name for LongRoPE
+        params["rope_type"] = "longrope"
     return params, float(local) if local is not None else None
 
 
@@ -123,6 +125,8 @@ def from_hf(cfg: dict[str, Any]) -> ModelConfig:
     theta = global_rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
     partial = float(global_rope.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor") or 1.0)
     scaling = global_rope if global_rope.get("rope_type", "default") != "default" else None
+    if scaling and cfg.get("original_max_position_embeddings"):  # v4 Phi-3 configs keep it outside rope_scaling
+        scaling.setdefault("original_max_position_embeddings", cfg["original_max_position_embeddings"])
     head_dim = cfg.get("head_dim") or hidden // heads
     num_layers = _require(cfg, "num_hidden_layers")
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None

@@ -46,10 +46,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def inverse_frequencies(config: ModelConfig, extra_divisor: torch.Tensor | None = None, theta: float | None = None) -> tuple[torch.Tensor, float]:
+def inverse_frequencies(config: ModelConfig, extra_divisor: torch.Tensor | None = None, theta: float | None = None, length: int | None = None) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies and the attention scaling the rope type asks for.
 
     `theta` gives plain (unscaled) RoPE with another base, as Gemma-3's sliding-window layers use.
+    `length` is the sequence length, which picks LongRoPE's short or long factors.
     """
     dim = config.rotary_dim or config.head_dim
     base = theta if theta is not None else config.rope_theta
@@ -72,8 +73,14 @@ def inverse_frequencies(config: ModelConfig, extra_divisor: torch.Tensor | None 
         inv = torch.where(medium, smoothed, scaled)
     elif kind == "yarn":
         inv, attention_factor = _yarn(config, scaling, inv)
+    elif kind == "longrope":  # Phi-3 128k / Phi-3.5: per-frequency factors, long ones past the original context
+        original = float(scaling["original_max_position_embeddings"])
+        factor = float(scaling.get("factor") or config.max_position_embeddings / original)
+        attention_factor = scaling.get("attention_factor") or (math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0)
+        factors = scaling["long_factor"] if length is not None and length > original else scaling["short_factor"]
+        inv = inv / torch.tensor(factors, dtype=torch.float32)
     elif kind not in ("default", "dynamic"):
-        raise SwtoolError(f"rope type {kind!r} is not supported (supported: default, linear, llama3, yarn, dynamic)")
+        raise SwtoolError(f"rope type {kind!r} is not supported (supported: default, linear, llama3, yarn, longrope, dynamic)")
     if extra_divisor is not None:
         inv = inv / extra_divisor.float()
     return inv, attention_factor
@@ -134,8 +141,10 @@ class LayerStream:
         self.dtype = dtype
         self.device = torch.device(device)
         self.activation = ACTIVATIONS[self.family.activation]
-        extra = checkpoint.load("rope_freqs.weight") if checkpoint.has("rope_freqs.weight") else None
-        self.inv_freq, self.attention_factor = inverse_frequencies(self.config, extra)
+        if checkpoint.has("rope_factors_long.weight") or checkpoint.has("rope_factors_short.weight"):
+            raise SwtoolError(f"{checkpoint.path}: GGUF LongRoPE factor tensors are not supported yet (the HF directory is)")
+        self.rope_freqs = checkpoint.load("rope_freqs.weight") if checkpoint.has("rope_freqs.weight") else None
+        self.inv_freq, self.attention_factor = inverse_frequencies(self.config, self.rope_freqs)
         self.local_inv_freq = None
         if self.config.local_rope_theta is not None and self.config.sliding_window:
             self.local_inv_freq, _ = inverse_frequencies(self.config, theta=self.config.local_rope_theta)
@@ -182,7 +191,12 @@ class LayerStream:
     def rope(self, length: int, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (T, rotary_dim) for `layer` (sliding-window layers may use their own base)."""
         local = layer is not None and self.local_inv_freq is not None and self.is_sliding(layer)
-        inv, factor = (self.local_inv_freq, 1.0) if local else (self.inv_freq, self.attention_factor)
+        if local:
+            inv, factor = self.local_inv_freq, 1.0
+        elif (self.config.rope_scaling or {}).get("rope_type") == "longrope":
+            inv, factor = inverse_frequencies(self.config, self.rope_freqs, length=length)
+        else:
+            inv, factor = self.inv_freq, self.attention_factor
         positions = torch.arange(length, dtype=torch.float32)
         freqs = torch.outer(positions, inv)
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -90,10 +90,29 @@ def reference(model: torch.nn.Module, tokens: torch.Tensor) -> dict:
     return {"hidden": out.hidden_states, "layers": layer_out, "downs": downs, "logits": out.logits}
 
 
+LONGROPE = {
+    "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 8,
+        "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 16.0],
+    },
+    "original_max_position_embeddings": 8,  # Phi3Config's own field, which overrides the one above
+}
+"""Phi-3's LongRoPE with an original context of 8 tokens: the 12-token prompts take the long factors."""
+
+
 @pytest.mark.parametrize(("family", "overrides"), CASES, ids=IDS)
 def test_forward_matches_transformers(tmp_path, family, overrides):
+    check_against_transformers(tmp_path, family, overrides, TOKENS)
+
+
+@pytest.mark.parametrize("length", [12, 6], ids=["long-factors", "short-factors"])
+def test_phi3_longrope_matches_transformers(tmp_path, length):
+    check_against_transformers(tmp_path, "phi3", LONGROPE, TOKENS[:, :length])
+
+
+def check_against_transformers(tmp_path, family: str, overrides: dict, tokens: torch.Tensor) -> None:
     model = build(family, tmp_path, **overrides)
-    ref = reference(model, TOKENS)
+    ref = reference(model, tokens)
     stream = LayerStream(open_checkpoint(tmp_path))
     assert stream.config.num_layers == len(model.model.layers)
     downs = {}
@@ -101,7 +120,7 @@ def test_forward_matches_transformers(tmp_path, family, overrides):
     def hook(layer, x, y, expert=None, routed=None):
         downs[(layer, expert)] = (x, y)
 
-    h = stream.embed(TOKENS)
+    h = stream.embed(tokens)
     close(h, ref["hidden"][0], "embeddings")
     for layer in stream.layers():
         h = stream.run_layer(layer, h, hook=hook)
