@@ -27,6 +27,7 @@ CASES = [
     ("llama", {"attention_bias": True}),
     ("mistral", {}),
     ("qwen2", {}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2}),
     ("qwen3", {}),
     ("phi3", {}),
     ("olmo", {}),
@@ -36,7 +37,7 @@ CASES = [
     ("gemma3_text", {}),
     ("mixtral", {}),
 ]
-IDS = ["llama", "llama-tied", "llama-rope-llama3", "llama-attention-bias", "mistral-sliding", "qwen2", "qwen3", "phi3-partial-rotary", "olmo-clip-qkv", "olmo2", "gemma", "gemma2", "gemma3_text", "mixtral"]
+IDS = ["llama", "llama-tied", "llama-rope-llama3", "llama-attention-bias", "mistral-sliding", "qwen2", "qwen2-sliding-upper-layers", "qwen3", "phi3-partial-rotary", "olmo-clip-qkv", "olmo2", "gemma", "gemma2", "gemma3_text", "mixtral"]
 
 TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
 
@@ -142,3 +143,32 @@ def test_sliding_window_matters(tmp_path):
     object.__setattr__(stream.config, "sliding_window", None)
     h = stream.run_layer(0, stream.embed(TOKENS))
     assert float((h - ref["layers"][0]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("raw", "sliding"),
+    [
+        ({"model_type": "gemma2", "sliding_window": 4096}, (True, False, True, False, True, False)),
+        ({"model_type": "gemma3_text", "sliding_window": 512}, (True, True, True, True, True, False)),
+        ({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 4}, (False,) * 4 + (True,) * 2),
+        ({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False}, ()),
+        ({"model_type": "mistral", "sliding_window": 4096}, ()),  # every layer
+    ],
+)
+def test_sliding_layers_of_configs_without_layer_types(raw, sliding):
+    """transformers v4 configs (still common on the Hub) imply which layers slide instead of listing `layer_types`."""
+    from swtool.config import from_hf
+
+    base = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 6, "vocab_size": 300}
+    config = from_hf({**base, **raw})
+    assert config.sliding_layers == sliding
+
+
+def test_gemma3_v4_config_rope_bases():
+    from swtool.config import from_hf
+
+    raw = {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 6,
+           "vocab_size": 300, "sliding_window": 512, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+           "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    config = from_hf(raw)
+    assert (config.rope_theta, config.local_rope_theta, config.rope_scaling) == (1000000.0, 10000.0, {"rope_type": "linear", "factor": 8.0})
