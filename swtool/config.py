@@ -59,6 +59,8 @@ class ModelConfig:
             raise SwtoolError(
                 f"config: num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads})"
             )
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise SwtoolError(f"config: {len(self.sliding_layers)} sliding-window layer flags for {self.num_layers} layers")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise SwtoolError(f"config: num_experts_per_tok ({self.experts_per_token}) must be between 1 and num_local_experts ({self.num_experts})")
         if not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
