@@ -115,15 +115,18 @@ def child(kind: str, source: Path, setting: str) -> None:
     else:
         from swtool.quant.rtn import QuantSpec, parse_block, quantize
 
+        from swtool.quant.workers import parallel_chunks
+
         bits, block = setting.split("/")
         spec = QuantSpec(int(bits), parse_block(block))
-        for name in names:
-            weight = checkpoint.load(name, native_dtype(checkpoint, name))
-            nbytes += weight.numel() * weight.element_size()
-            started = time.perf_counter()
-            quantize(weight, spec)
-            seconds += time.perf_counter() - started
-            del weight
+        with parallel_chunks():  # as `swtool quantize` runs it
+            for name in names:
+                weight = checkpoint.load(name, native_dtype(checkpoint, name))
+                nbytes += weight.numel() * weight.element_size()
+                started = time.perf_counter()
+                quantize(weight, spec)
+                seconds += time.perf_counter() - started
+                del weight
     print(json.dumps({"seconds": seconds, "bytes": nbytes, "threads": torch.get_num_threads(), "numpy": np.__version__}))
 
 

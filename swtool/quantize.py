@@ -27,6 +27,7 @@ from swtool.errors import SwtoolError
 from swtool.quant import layout
 from swtool.quant.rtn import QuantSpec, quantize
 from swtool.quant.supers import Held
+from swtool.quant.workers import parallel_chunks
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MODEL_FILES = (
@@ -141,19 +142,20 @@ def write_safetensors(job: QuantizeJob, directory: Path, progress: Progress | No
     metadata = layout.metadata(spec.bits, spec.block, spec.sym, str(spec.clip), dtype, held, job.provenance)
     writer = ShardedWriter(directory, plan, metadata, job.max_shard_bytes)
     report = QuantizeReport(len(wanted), len(names) - len(wanted), [(t, r, c, v) for t, rows in held.items() for r, c, v in rows])
-    for index, name in enumerate(names):
-        weight = checkpoint.load(name, native_dtype(checkpoint, name))
-        if name in wanted:
-            q = quantize(weight, spec, [(r, c) for r, c, _ in held.get(name, [])])
-            del weight
-            if q.threshold is not None:
-                report.thresholds[name] = q.threshold
-            for stored_name, tensor in layout.stored(name, q):
-                writer.write(stored_name, tensor)
-        else:
-            writer.write(name, weight)
-        if progress:
-            progress(index + 1, len(names))
+    with parallel_chunks():
+        for index, name in enumerate(names):
+            weight = checkpoint.load(name, native_dtype(checkpoint, name))
+            if name in wanted:
+                q = quantize(weight, spec, [(r, c) for r, c, _ in held.get(name, [])])
+                del weight
+                if q.threshold is not None:
+                    report.thresholds[name] = q.threshold
+                for stored_name, tensor in layout.stored(name, q):
+                    writer.write(stored_name, tensor)
+            else:
+                writer.write(name, weight)
+            if progress:
+                progress(index + 1, len(names))
     writer.close()
     copy_model_files(checkpoint, directory, dtype)
     return report
@@ -194,7 +196,8 @@ def refuse_quantized(checkpoint: Checkpoint) -> None:
 def dequantize_to(checkpoint: QuantizedCheckpoint, directory: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9) -> torch.dtype:
     """Write a swtool-quantized checkpoint back as a standard HF directory; returns the dtype written."""
     dtype = dtype or checkpoint.header.dtype
-    write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT})
+    with parallel_chunks():
+        write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT})
     copy_model_files(checkpoint, directory, dtype)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
