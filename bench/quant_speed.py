@@ -1,7 +1,9 @@
 """Quantization throughput and peak RSS: swtool's RTN against gguf-py's `gguf.quants.quantize` (Q8_0, Q4_0).
 
 Every measurement runs in its own child process; peak RSS is that child's
-ru_maxrss (os.wait4). Throughput is MB (10^6 bytes) of *source* weights (the
+ru_maxrss (os.wait4). Linux keeps ru_maxrss across fork and exec, so the parent
+stays small: it never imports torch, and even preparing the sources (export,
+random checkpoint) runs in children. Throughput is MB (10^6 bytes) of *source* weights (the
 stored bytes of the tensors being quantized) per second of wall time.
 
 - `core`: the same tensors (those `swtool quantize` selects) are loaded one at a
@@ -131,10 +133,26 @@ def child(kind: str, source: Path, setting: str) -> None:
 
 
 def largest_tensor_fp32_mb(source: Path) -> float:
+    _, _, out = run_child([sys.executable, str(Path(__file__).resolve()), "--largest", str(source)])
+    return float(out.strip().splitlines()[-1])
+
+
+def print_largest(source: Path) -> None:
     from swtool.checkpoint import open_checkpoint
 
     checkpoint = open_checkpoint(source)
-    return max(math.prod(checkpoint.shape(n)) for n in checkpoint.names()) * 4 / 1e6
+    print(max(math.prod(checkpoint.shape(n)) for n in checkpoint.names()) * 4 / 1e6)
+
+
+def export_smollm2(directory: Path) -> None:
+    import torch
+    from fetch import smollm2_gguf
+
+    from swtool.checkpoint import open_checkpoint
+    from swtool.checkpoint.hf_export import export_hf
+
+    directory.mkdir(parents=True)
+    export_hf(open_checkpoint(smollm2_gguf()), directory, torch.float16)
 
 
 def bench_source(label: str, source: Path, work: Path) -> list[dict]:
@@ -175,6 +193,9 @@ def bench_source(label: str, source: Path, work: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=3, metavar=("KIND", "SOURCE", "SETTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--largest", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--make", nargs=2, metavar=("WHAT", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--only-1b", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/swtool-quant-speed"))
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the random 1B checkpoint")
@@ -183,27 +204,28 @@ def main() -> None:
     if args.child:
         child(args.child[0], Path(args.child[1]), args.child[2])
         return
+    if args.largest:
+        print_largest(args.largest)
+        return
+    if args.make:
+        (export_smollm2 if args.make[0] == "smollm2" else make_random_llama)(Path(args.make[1]))
+        return
 
-    import torch
-
-    from swtool.checkpoint import open_checkpoint
-    from swtool.checkpoint.hf_export import export_hf
-
+    me = [sys.executable, str(Path(__file__).resolve())]
     args.work.mkdir(parents=True, exist_ok=True)
-    smol = args.work / "smollm2-fp16"
-    if not (smol / "config.json").is_file():
-        from fetch import smollm2_gguf
-
-        shutil.rmtree(smol, ignore_errors=True)
-        smol.mkdir()
-        export_hf(open_checkpoint(smollm2_gguf()), smol, torch.float16)
-    rows = bench_source("SmolLM2", smol, args.work)
+    rows = []
+    if not args.only_1b:
+        smol = args.work / "smollm2-fp16"
+        if not (smol / "config.json").is_file():
+            shutil.rmtree(smol, ignore_errors=True)
+            run_child([*me, "--make", "smollm2", str(smol)])
+        rows += bench_source("SmolLM2", smol, args.work)
     if not args.skip_1b:
         big = args.work / "random-1b"
         if not (big / "config.json").is_file():
             shutil.rmtree(big, ignore_errors=True)
             started = time.time()
-            make_random_llama(big)
+            run_child([*me, "--make", "random-1b", str(big)])
             print(f"wrote the random 1.1B checkpoint in {time.time() - started:.0f} s", file=sys.stderr)
         try:
             rows += bench_source("random-1.1B", big, args.work)
