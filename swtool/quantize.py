@@ -70,13 +70,13 @@ class QuantizeReport:
 
 
 def targets(checkpoint: Checkpoint, include_embeddings: bool = False, include_head: bool = False) -> list[str]:
-    """The tensors to quantize: every layer's 2-D non-norm weights, plus embeddings/head when asked."""
+    """The tensors to quantize: every layer's 2-D projection weights (not norms, not an MoE router), plus embeddings/head when asked."""
     config = checkpoint.config
     family = family_for(config.model_type)
     chosen: set[str] = set()
     for layer in range(config.num_layers):
         for role, name in family.layer_tensors(config, layer).items():
-            if "norm" not in role and name.endswith(".weight") and checkpoint.has(name) and len(checkpoint.shape(name)) == 2:
+            if not any(skip in role for skip in ("norm", "router")) and name.endswith(".weight") and checkpoint.has(name) and len(checkpoint.shape(name)) == 2:
                 chosen.add(name)
     globals_ = family.global_tensors(config)
     if include_embeddings:

@@ -11,8 +11,6 @@ from typer.testing import CliRunner
 
 from swtool.cli import app
 
-pytestmark = pytest.mark.slow
-
 
 def perplexity(model, ids: torch.Tensor) -> float:
     with torch.no_grad():
@@ -20,6 +18,7 @@ def perplexity(model, ids: torch.Tensor) -> float:
     return math.exp(float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))))
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_quantize_dequantize(smollm2_gguf, wiki_text, tmp_path):
     import transformers
     from tokenizers import Tokenizer
