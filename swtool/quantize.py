@@ -27,6 +27,7 @@ from swtool.errors import SwtoolError
 from swtool.quant import layout
 from swtool.quant.rtn import QuantSpec, quantize
 from swtool.quant.supers import Held
+from swtool.quant.workers import parallel_chunks
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MODEL_FILES = (
@@ -69,13 +70,13 @@ class QuantizeReport:
 
 
 def targets(checkpoint: Checkpoint, include_embeddings: bool = False, include_head: bool = False) -> list[str]:
-    """The tensors to quantize: every layer's 2-D non-norm weights, plus embeddings/head when asked."""
+    """The tensors to quantize: every layer's 2-D projection weights (not norms, not an MoE router), plus embeddings/head when asked."""
     config = checkpoint.config
     family = family_of(config)
     chosen: set[str] = set()
     for layer in range(config.num_layers):
         for role, name in family.layer_tensors(config, layer).items():
-            if "norm" not in role and name.endswith(".weight") and checkpoint.has(name) and len(checkpoint.shape(name)) == 2:
+            if not any(skip in role for skip in ("norm", "router")) and name.endswith(".weight") and checkpoint.has(name) and len(checkpoint.shape(name)) == 2:
                 chosen.add(name)
     globals_ = family.global_tensors(config)
     if include_embeddings:
@@ -141,19 +142,20 @@ def write_safetensors(job: QuantizeJob, directory: Path, progress: Progress | No
     metadata = layout.metadata(spec.bits, spec.block, spec.sym, str(spec.clip), dtype, held, job.provenance)
     writer = ShardedWriter(directory, plan, metadata, job.max_shard_bytes)
     report = QuantizeReport(len(wanted), len(names) - len(wanted), [(t, r, c, v) for t, rows in held.items() for r, c, v in rows])
-    for index, name in enumerate(names):
-        weight = checkpoint.load(name, native_dtype(checkpoint, name))
-        if name in wanted:
-            q = quantize(weight, spec, [(r, c) for r, c, _ in held.get(name, [])])
-            del weight
-            if q.threshold is not None:
-                report.thresholds[name] = q.threshold
-            for stored_name, tensor in layout.stored(name, q):
-                writer.write(stored_name, tensor)
-        else:
-            writer.write(name, weight)
-        if progress:
-            progress(index + 1, len(names))
+    with parallel_chunks():
+        for index, name in enumerate(names):
+            weight = checkpoint.load(name, native_dtype(checkpoint, name))
+            if name in wanted:
+                q = quantize(weight, spec, [(r, c) for r, c, _ in held.get(name, [])])
+                del weight
+                if q.threshold is not None:
+                    report.thresholds[name] = q.threshold
+                for stored_name, tensor in layout.stored(name, q):
+                    writer.write(stored_name, tensor)
+            else:
+                writer.write(name, weight)
+            if progress:
+                progress(index + 1, len(names))
     writer.close()
     copy_model_files(checkpoint, directory, dtype)
     return report
@@ -194,7 +196,8 @@ def refuse_quantized(checkpoint: Checkpoint) -> None:
 def dequantize_to(checkpoint: QuantizedCheckpoint, directory: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9) -> torch.dtype:
     """Write a swtool-quantized checkpoint back as a standard HF directory; returns the dtype written."""
     dtype = dtype or checkpoint.header.dtype
-    write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT})
+    with parallel_chunks():
+        write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT})
     copy_model_files(checkpoint, directory, dtype)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())

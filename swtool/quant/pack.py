@@ -5,8 +5,12 @@ bytes (4 codes of 2 bits -> 1 byte, 2 of 4 bits -> 1 byte, 8 of 3 bits -> 3
 bytes, 1 of 8 bits -> 1 byte). Inside a group, code j occupies bits
 [j*bits, (j+1)*bits) of the group read as a little-endian integer; so with 4
 bits the first code is the low nibble. The last group is padded with zero codes.
-One vectorised path serves every width, so there is one layout to document;
-it runs in chunks so that widening to int32 (3 bits) never copies a whole tensor.
+
+One vectorised path serves every width: a group of one-byte codes is viewed as
+one wide integer (int16, int32, int64), and each code is moved from bit 8j to
+bit j*bits by one shift and one mask; unpacking does the reverse. Working on
+whole words avoids strided byte access, the slow part of a naive version.
+Little-endian byte order of the host is assumed (x86 and ARM are).
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import math
 import torch
 
 from swtool.errors import SwtoolError
+from swtool.quant.workers import run_chunks
 
 WIDTHS = (2, 3, 4, 8)
+WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""Wide integer type viewing one group of `codes` one-byte codes."""
 CHUNK_GROUPS = 1 << 18
 
 
@@ -35,11 +42,6 @@ def packed_size(count: int, bits: int) -> int:
     return -(-count // codes) * nbytes
 
 
-def _word_dtype(nbytes: int) -> torch.dtype:
-    """Groups of one byte are assembled in uint8 (no widening); wider groups in int32."""
-    return torch.uint8 if nbytes == 1 else torch.int32
-
-
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a flat uint8 tensor of codes (each < 2**bits) into a flat uint8 tensor of packed_size bytes."""
     per_group, nbytes = group(bits)
@@ -49,15 +51,21 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = -flat.numel() % per_group
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    groups = flat.view(-1, per_group)
-    out = torch.empty(groups.shape[0], nbytes, dtype=torch.uint8)
-    for start in range(0, groups.shape[0], CHUNK_GROUPS):
-        chunk = groups[start : start + CHUNK_GROUPS].to(_word_dtype(nbytes))
-        word = chunk[:, 0].clone()
+    words = flat.contiguous().view(WORDS[per_group])
+    out = torch.empty(words.numel(), nbytes, dtype=torch.uint8)
+    mask = (1 << bits) - 1
+
+    def work(start: int) -> None:
+        word = words[start : start + CHUNK_GROUPS]
+        packed = word & mask
         for j in range(1, per_group):
-            word |= chunk[:, j] << (bits * j)
-        for k in range(nbytes):
-            out[start : start + CHUNK_GROUPS, k] = (word >> (8 * k)) & 0xFF
+            packed |= (word >> (j * (8 - bits))) & (mask << (j * bits))
+        if nbytes == 1:
+            out[start : start + CHUNK_GROUPS, 0] = packed
+        else:
+            out[start : start + CHUNK_GROUPS] = packed.view(torch.uint8).view(-1, per_group)[:, :nbytes]
+
+    run_chunks(work, range(0, words.numel(), CHUNK_GROUPS))
     return out.view(-1)
 
 
@@ -69,13 +77,22 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits == 8:
         return packed.reshape(-1)
     rows = packed.reshape(-1, nbytes)
+    wide = WORDS[per_group]
+    out = torch.empty(rows.shape[0], dtype=wide)
     mask = (1 << bits) - 1
-    out = torch.empty(rows.shape[0], per_group, dtype=torch.uint8)
-    for start in range(0, rows.shape[0], CHUNK_GROUPS):
-        chunk = rows[start : start + CHUNK_GROUPS].to(_word_dtype(nbytes))
-        word = chunk[:, 0].clone()
-        for k in range(1, nbytes):
-            word |= chunk[:, k] << (8 * k)
-        for j in range(per_group):
-            out[start : start + CHUNK_GROUPS, j] = (word >> (bits * j)) & mask
-    return out.view(-1)[:count]
+
+    def work(start: int) -> None:
+        chunk = rows[start : start + CHUNK_GROUPS]
+        if nbytes == 1:
+            word = chunk[:, 0].to(wide)
+        else:
+            padded = torch.zeros(chunk.shape[0], per_group, dtype=torch.uint8)
+            padded[:, :nbytes] = chunk
+            word = padded.view(wide).view(-1)
+        codes = word & mask
+        for j in range(1, per_group):
+            codes |= (word << (j * (8 - bits))) & (mask << (8 * j))
+        out[start : start + CHUNK_GROUPS] = codes
+
+    run_chunks(work, range(0, rows.shape[0], CHUNK_GROUPS))
+    return out.view(torch.uint8)[:count]

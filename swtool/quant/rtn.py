@@ -26,21 +26,22 @@ million elements, so temporaries stay small however large the tensor is.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from swtool.errors import SwtoolError
 from swtool.quant.pack import WIDTHS, pack, unpack
+from swtool.quant.workers import run_chunks
 
 CHUNK = 1 << 20
 """Elements processed per vectorised step (a whole number of blocks, at least one)."""
 
-AUTO_STEPS = 24
-AUTO_PATIENCE = 4
-"""`--clip auto` tries thresholds max|w| * 2**(-k/4), k = 1..AUTO_STEPS, stopping after
-AUTO_PATIENCE candidates in a row fail to beat the best so far."""
+AUTO_STEPS = 12
+AUTO_PATIENCE = 2
+"""`--clip auto` tries thresholds max|w| * 2**(-k/2), k = 1..AUTO_STEPS (down to max/64), stopping
+after AUTO_PATIENCE candidates in a row fail to beat the best so far."""
 
 
 @dataclass(frozen=True)
@@ -146,13 +147,6 @@ def _parts(flat: torch.Tensor, n: int) -> list[torch.Tensor]:
     return parts
 
 
-def _chunks(part: torch.Tensor) -> Iterator[tuple[int, int]]:
-    """Row ranges of a (blocks, n) view holding about CHUNK elements each."""
-    step = max(1, CHUNK // max(part.shape[1], 1))
-    for start in range(0, part.shape[0], step):
-        yield start, min(start + step, part.shape[0])
-
-
 def _scale_zero(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row fp16 scale and zero point of a (blocks, n) tensor."""
     if sym:
@@ -181,35 +175,45 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
     return q.sub_(offset).clamp_(0, 2**bits - 0.5).to(torch.uint8)
 
 
+def _jobs(numel: int, n: int) -> list[tuple[int, int, int, int]]:
+    """(first element, blocks, block width, first block index) of chunks of about CHUNK elements."""
+    full = numel // n
+    step = max(1, CHUNK // n)
+    jobs = [(b * n, min(step, full - b), n, b) for b in range(0, full, step)]
+    if numel % n:
+        jobs.append((full * n, 1, numel % n, full))
+    return jobs
+
+
 def _quantize_flat(flat: torch.Tensor, n: int, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unpacked codes (uint8, flat), scales and zeros (fp16, per block) of a flat fp32 tensor."""
+    """Unpacked codes (uint8, flat), scales and zeros (fp16, per block) of a flat float tensor."""
+    blocks = -(-flat.numel() // n)
     codes = torch.empty(flat.numel(), dtype=torch.uint8)
-    scales, zeros = [], []
-    offset = 0
-    for part in _parts(flat, n):
-        for start, stop in _chunks(part):
-            x = part[start:stop]
-            scale, zero = _scale_zero(x, bits, sym)
-            codes[offset : offset + x.numel()] = _codes(x, scale, zero, bits).view(-1)
-            offset += x.numel()
-            scales.append(scale)
-            zeros.append(zero)
-    return codes, _join(scales, torch.float16), _join(zeros, torch.float16)
+    scales = torch.empty(blocks, dtype=torch.float16)
+    zeros = torch.empty(blocks, dtype=torch.float16)
 
+    def work(job: tuple[int, int, int, int]) -> None:
+        start, rows, width, block = job
+        x = flat[start : start + rows * width].view(rows, width)
+        scale, zero = _scale_zero(x, bits, sym)
+        scales[block : block + rows] = scale
+        zeros[block : block + rows] = zero
+        codes[start : start + rows * width].view(rows, width).copy_(_codes(x, scale, zero, bits))
 
-def _join(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype)
+    run_chunks(work, _jobs(flat.numel(), n))
+    return codes, scales, zeros
 
 
 def _dequantize_flat(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n: int) -> torch.Tensor:
     out = torch.empty(codes.numel(), dtype=torch.float32)
-    block = 0
-    for code_part, out_part in zip(_parts(codes, n), _parts(out, n)):
-        for start, stop in _chunks(code_part):
-            s = scale[block + start : block + stop].float()[:, None]
-            z = zero[block + start : block + stop].float()[:, None]
-            torch.addcmul(z, code_part[start:stop].float(), s, out=out_part[start:stop])
-        block += code_part.shape[0]
+
+    def work(job: tuple[int, int, int, int]) -> None:
+        start, rows, width, block = job
+        s = scale[block : block + rows].float()[:, None]
+        z = zero[block : block + rows].float()[:, None]
+        torch.addcmul(z, codes[start : start + rows * width].view(rows, width), s, out=out[start : start + rows * width].view(rows, width))
+
+    run_chunks(work, _jobs(codes.numel(), n))
     return out
 
 
@@ -228,51 +232,65 @@ def _hold_out(flat: torch.Tensor, n: int, positions: Sequence[int]) -> None:
 
 def _clip_blocks(flat: torch.Tensor, n: int, clip: Clip) -> None:
     """z:K and pct:P: clamp each block at its own threshold on |w| (in place)."""
-    for part in _parts(flat, n):
-        for start, stop in _chunks(part):
-            x = part[start:stop]
-            magnitude = x.abs()
-            if clip.kind == "z":
-                threshold = magnitude.mean(dim=1) + clip.value * magnitude.std(dim=1, correction=0)
-            else:
-                k = min(max(math.ceil((1 - clip.value) * x.shape[1]), 1), x.shape[1])
-                threshold = magnitude.kthvalue(k, dim=1).values
-            x.clamp_(-threshold[:, None], threshold[:, None])
+
+    def work(job: tuple[int, int, int, int]) -> None:
+        start, rows, width, _ = job
+        x = flat[start : start + rows * width].view(rows, width)
+        magnitude = x.abs()
+        if clip.kind == "z":
+            threshold = magnitude.mean(dim=1) + clip.value * magnitude.std(dim=1, correction=0)
+        else:
+            k = min(max(math.ceil((1 - clip.value) * width), 1), width)
+            threshold = magnitude.kthvalue(k, dim=1).values
+        x.clamp_(-threshold[:, None], threshold[:, None])
+
+    run_chunks(work, _jobs(flat.numel(), n))
 
 
 def _block_errors(x: torch.Tensor, reference: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
-    """Per-block squared reconstruction error (float64) of RTN applied to x, measured against reference."""
+    """Per-block squared reconstruction error of RTN applied to x, measured against reference."""
     scale, zero = _scale_zero(x, bits, sym)
     rebuilt = _codes(x, scale, zero, bits).float().mul_(scale.float()[:, None]).add_(zero.float()[:, None])
-    return (rebuilt - reference).pow_(2).sum(dim=1, dtype=torch.float64)
+    return (rebuilt - reference).pow_(2).sum(dim=1)
 
 
 def auto_threshold(flat: torch.Tensor, n: int, bits: int, sym: bool) -> float | None:
     """The clipping threshold on |w| that minimises the tensor's own RTN error, or None if none helps.
 
-    Data-free: the error is ||RTN(clip(W)) - W||^2. Only blocks whose max |w|
-    exceeds a candidate threshold change, so each candidate re-quantizes those alone.
+    Data-free: the error is ||RTN(clip(W)) - W||^2. Candidates are max|w| * 2**(-k/2)
+    (k = 1..AUTO_STEPS, stopping after AUTO_PATIENCE misses in a row), then the best is
+    refined by a quarter octave either side. Only blocks whose max |w| exceeds a
+    candidate change, so each candidate re-quantizes those alone.
     """
     parts = _parts(flat, n)
     peaks = [part.abs().amax(dim=1) for part in parts]
     base = [_block_errors(part, part, bits, sym) for part in parts]
     top = max(float(p.max()) for p in peaks)
-    best, best_gain, misses = None, 0.0, 0
-    for k in range(1, AUTO_STEPS + 1):
-        threshold = top * 2 ** (-k / 4)
-        gain = 0.0
+
+    def gain(threshold: float) -> float:
+        total = 0.0
         for part, peak, errors in zip(parts, peaks, base):
             rows = torch.nonzero(peak > threshold).view(-1)
             if rows.numel():
                 chosen = part.index_select(0, rows)
-                clipped = chosen.clamp(-threshold, threshold)
-                gain += float(_block_errors(clipped, chosen, bits, sym).sum() - errors[rows].sum())
-        if gain < best_gain:
-            best, best_gain, misses = threshold, gain, 0
+                total += float(_block_errors(chosen.clamp(-threshold, threshold), chosen, bits, sym).sum() - errors[rows].sum())
+        return total
+
+    best, best_gain, misses = None, 0.0, 0
+    for k in range(1, AUTO_STEPS + 1):
+        threshold = top * 2 ** (-k / 2)
+        g = gain(threshold)
+        if g < best_gain:
+            best, best_gain, misses = threshold, g, 0
         else:
             misses += 1
             if misses >= AUTO_PATIENCE:
                 break
+    if best is not None:
+        for threshold in (best * 2**0.25, best * 2**-0.25):
+            g = gain(threshold)
+            if g < best_gain:
+                best, best_gain = threshold, g
     return best
 
 
