@@ -58,10 +58,13 @@ def guarded(run: Callable[[], int]) -> None:
         status = run()
     except SwtoolError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGINT/SIGTERM turned into atomic.Interrupted while writing
+        fail(str(exc) or "interrupted", getattr(exc, "status", 130))
     except typer.Exit:
         raise
+    except BrokenPipeError:  # whoever read stdout went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except Exception as exc:  # an internal error: say so, keep the traceback for those who ask
         if os.environ.get("SWTOOL_DEBUG"):
             traceback.print_exc()
@@ -91,6 +94,7 @@ def scan(
     relative_effect: Annotated[float, typer.Option(help="A super weight's effect must also reach this fraction of the strongest candidate's.")] = 0.5,
     expect: Annotated[Optional[str], typer.Option(help="Compare with this model's entries in the super weight directory (default: the model the checkpoint names, if listed).")] = None,
     directory_files: Annotated[Optional[list[Path]], typer.Option("--directory-file", help="Local directory file whose entries --expect also considers (see `swtool directory --file`); repeatable.")] = None,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Go on when weights hold NaN or Inf (refused by default).")] = False,
 ) -> None:
     """Stream a checkpoint layer by layer and report its super activations and super weights."""
 
@@ -112,7 +116,7 @@ def scan(
         failures = 0
         for model in models:
             try:
-                checkpoint = open_checkpoint(model)
+                checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
                 with progress_bar(f"scan {model.name}", enabled=not (quiet or as_json)) as progress:
                     result = run_scan(
                         checkpoint,

@@ -23,6 +23,7 @@ import torch
 
 from swtool.arch import Family, family_for
 from swtool.checkpoint.base import Checkpoint, Rows
+from swtool.checkpoint.gguf_check import check_gguf
 from swtool.config import from_gguf
 from swtool.errors import SwtoolError
 
@@ -45,10 +46,11 @@ def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
 
 
 def open_reader(path: Path) -> gguf.GGUFReader:
-    """gguf-py's reader, with its assorted failures on damaged files turned into one clear error."""
+    """gguf-py's reader, once our own walk of the header found it sound; residual failures become one clear error."""
+    check_gguf(path)
     try:
         return gguf.GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OverflowError, struct.error, MemoryError) as exc:
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error, MemoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise SwtoolError(f"{path}: not a readable GGUF file ({message})") from None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from swtool.checkpoint import PICKLE_SUFFIXES, pickle_refusal
 from swtool.checkpoint.base import Checkpoint, Rows
 from swtool.config import from_hf
 from swtool.errors import SwtoolError
@@ -81,7 +82,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         if not isinstance(info, dict):
             raise SwtoolError(f"{path}: tensor {name}: header entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise SwtoolError(f"{path}: tensor {name}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise SwtoolError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
@@ -120,7 +121,7 @@ def shard_map(directory: Path) -> dict[str, TensorEntry]:
     """All tensors of a directory, checking the index against the shards it names."""
     index_path = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
-    pickles = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    pickles = sorted(p for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
     if index_path.exists():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -150,11 +151,7 @@ def shard_map(directory: Path) -> dict[str, TensorEntry]:
     if single.is_file():
         return read_header(single)[0]
     if pickles:
-        raise SwtoolError(
-            f"{directory}: only PyTorch pickle weights ({pickles[0]}); swtool never unpickles (it can run arbitrary code). "
-            "Convert them to safetensors first, e.g. with transformers: "
-            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
-        )
+        raise pickle_refusal(pickles[0])
     raise SwtoolError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
 
