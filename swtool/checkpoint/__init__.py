@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from swtool.checkpoint.base import Checkpoint
-from swtool.checkpoint.layout import check_layout
 from swtool.errors import SwtoolError
+
+if TYPE_CHECKING:  # importing the readers pulls in torch; `swtool.checkpoint.atomic` users need none of it
+    from swtool.checkpoint.base import Checkpoint
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -23,6 +25,8 @@ def pickle_refusal(path: Path) -> SwtoolError:
 
 def open_checkpoint(path: str | Path, allow_nonfinite: bool = False) -> Checkpoint:
     """Open lazily; refuse damaged files, configs that disagree with the tensors and (as they load) NaN/Inf weights."""
+    from swtool.checkpoint.layout import check_layout
+
     checkpoint = _open(Path(path))
     checkpoint.allow_nonfinite = allow_nonfinite
     check_layout(checkpoint)
