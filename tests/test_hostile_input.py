@@ -271,7 +271,7 @@ def test_gguf_absurd_string_length(gguf_path):
     scan_fails(gguf_path, "string value of general.architecture needs")
 
 
-ABSURD_ARRAY_RSS = textwrap.dedent(
+ABSURD_RSS = textwrap.dedent(
     """
     import resource, sys
     from swtool.checkpoint import open_checkpoint
@@ -286,11 +286,18 @@ ABSURD_ARRAY_RSS = textwrap.dedent(
 )
 
 
-def test_absurd_gguf_array_does_not_allocate(gguf_path):
-    """gguf-py alone loops (allocating a view per item) over a 2**62-item array; we must refuse at once, in little memory."""
-    patch_bytes(gguf_path, b"tokenizer.ggml.tokens", "Q", 2**62, skip=8)
-    done = subprocess.run([sys.executable, "-c", ABSURD_ARRAY_RSS, str(gguf_path)], capture_output=True, text=True, timeout=60)
-    assert "refused:" in done.stderr and "array claims" in done.stderr, done.stderr
+@pytest.mark.parametrize(
+    "after, fmt, value, skip, match",
+    [
+        (b"tokenizer.ggml.tokens", "Q", 2**62, 8, "array claims"),  # gguf-py alone loops over it, allocating a view per item
+        (b"llama.block_count", "I", 2**32 - 1, 4, "the config declares 4294967295 layers"),  # gguf-py's name map grows with it
+    ],
+)
+def test_absurd_gguf_counts_do_not_allocate(gguf_path, after, fmt, value, skip, match):
+    """Counts in a hostile header are refused (or bounded by what the file holds) at once, in little memory."""
+    patch_bytes(gguf_path, after, fmt, value, skip=skip)
+    done = subprocess.run([sys.executable, "-c", ABSURD_RSS, str(gguf_path)], capture_output=True, text=True, timeout=120)
+    assert "refused:" in done.stderr and match in done.stderr, done.stderr
     assert int(done.stdout) < 32, f"peak RSS grew by {done.stdout.strip()} MiB while refusing the file"
 
 
