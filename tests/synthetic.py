@@ -143,3 +143,11 @@ def gguf_file(path: Path, seed: int = 0, tensors: dict[str, np.ndarray] | None =
     writer.write_tensors_to_file()
     writer.close()
     return tensors
+
+
+def plant(tensors: dict[str, np.ndarray], layer: int, row: int, col: int, value: float = 30.0, gain: float = 25.0) -> None:
+    """A super weight at down_proj[row, col] of `layer`, fed by amplified gate/up rows `col` (as tiny.plant does)."""
+    p = f"model.layers.{layer}.mlp."
+    tensors[p + "gate_proj.weight"][col] *= gain
+    tensors[p + "up_proj.weight"][col] *= gain
+    tensors[p + "down_proj.weight"][row, col] = value
