@@ -63,6 +63,8 @@ class ModelConfig:
             )
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise SwtoolError(f"config: {len(self.sliding_layers)} sliding-window layer flags for {self.num_layers} layers")
+        if not 0 <= self.num_experts <= MAX_EXPERTS:  # per-layer name tables are built from it
+            raise SwtoolError(f"config: {self.num_experts} experts is not between 0 and {MAX_EXPERTS}")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise SwtoolError(f"config: num_experts_per_tok ({self.experts_per_token}) must be between 1 and num_local_experts ({self.num_experts})")
         if not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
@@ -128,6 +130,10 @@ def _malformed(source: str) -> Iterator[None]:
 MAX_LAYERS = 10_000
 """Far beyond any real model (the largest have ~130 layers); per-layer tables are built from the layer
 count before any tensor is seen, so a hostile config must not make them billions long."""
+
+
+MAX_EXPERTS = 4096
+"""Far beyond any real MoE (hundreds of experts): bounds the per-layer name tables a hostile config could ask for."""
 
 
 def _layer_count(value: Any, source: str) -> int:

@@ -290,7 +290,8 @@ ABSURD_RSS = textwrap.dedent(
     "after, fmt, value, skip, match",
     [
         (b"tokenizer.ggml.tokens", "Q", 2**62, 8, "array claims"),  # gguf-py alone loops over it, allocating a view per item
-        (b"llama.block_count", "I", 2**32 - 1, 4, "the config declares 4294967295 layers"),  # gguf-py's name map grows with it
+        (b"llama.block_count", "I", 2**32 - 1, 4, "layer count 4294967295 is not an integer between 1 and 10000"),
+        (b"llama.block_count", "I", 9999, 4, "the config declares 9999 layers"),  # gguf-py's name map grows with it
     ],
 )
 def test_absurd_gguf_counts_do_not_allocate(gguf_path, after, fmt, value, skip, match):
