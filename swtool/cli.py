@@ -186,17 +186,18 @@ def quantize(
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.", rich_help_panel="Output")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.", rich_help_panel="Output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Go on when weights hold NaN or Inf (refused by default).")] = False,
 ) -> None:
     """Round-to-nearest block quantization, streamed tensor by tensor, with super weights held out."""
 
     def run() -> int:
-        from swtool import __version__
         from swtool.checkpoint import open_checkpoint
         from swtool.checkpoint.atomic import atomic_output, check_target
         from swtool.checkpoint.safetensors_out import parse_size
         from swtool.quant.rtn import QuantSpec, check_bits, parse_block, parse_clip
         from swtool.quant.supers import from_scan, read_argument
-        from swtool.quantize import WRITERS, QuantizeJob, input_hashes, refuse_quantized, targets
+        from swtool.provenance import provenance
+        from swtool.quantize import WRITERS, QuantizeJob, model_inputs, refuse_quantized, targets
         from swtool.report import progress_bar, render_quantize
 
         spec = QuantSpec(check_bits(bits), parse_block(block), sym, parse_clip(clip))
@@ -206,14 +207,14 @@ def quantize(
         if super_file is not None and not keep_super:
             raise SwtoolError("--super and --no-keep-super contradict each other")
         writer, is_directory = WRITERS[out_format]
-        checkpoint = open_checkpoint(model)
+        checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
         refuse_quantized(checkpoint)
         check_target(output, [model], force)
-        inputs = input_hashes(checkpoint)
+        digests = {}
         held = []
         if super_file is not None:
             held, label, digest = read_argument(super_file, checkpoint, sys.stdin)
-            inputs[label] = digest
+            digests[label] = digest
         elif keep_super:
             from swtool.detect import scan as run_scan
 
@@ -222,14 +223,14 @@ def quantize(
         options = {
             "bits": bits, "block": spec.block, "sym": sym, "clip": str(spec.clip), "keep_super": keep_super,
             "super": "scan" if super_file is None and keep_super else super_file, "include_embeddings": include_embeddings,
-            "include_head": include_head, "format": out_format, "max_shard_size": max_shard_size,
+            "include_head": include_head, "format": out_format, "max_shard_size": max_shard_size, "allow_nonfinite": allow_nonfinite,
         }
         job = QuantizeJob(
             checkpoint,
             spec,
             targets(checkpoint, include_embeddings, include_head),
             held,
-            {"source": str(model.resolve()), "version": __version__, "options": options, "inputs": inputs},
+            {"swtool.source": str(model.resolve()), **provenance("quantize", options, model_inputs(checkpoint), digests)},
             max_bytes,
         )
         with atomic_output(output, directory=is_directory, inputs=[model], force=force) as temp:
@@ -256,14 +257,16 @@ def dequantize(
         from swtool.checkpoint import open_checkpoint
         from swtool.checkpoint.atomic import atomic_output, check_target
         from swtool.checkpoint.safetensors_out import parse_size
-        from swtool.quantize import dequantize_to, require_quantized
+        from swtool.provenance import provenance
+        from swtool.quantize import dequantize_to, model_inputs, require_quantized
 
         target_dtype = torch_dtype(dtype) if dtype is not None else None
         max_bytes = parse_size(max_shard_size)
         checkpoint = require_quantized(open_checkpoint(quantized))
         check_target(output, [quantized], force)
+        record = provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size}, model_inputs(checkpoint))
         with atomic_output(output, directory=True, inputs=[quantized], force=force) as temp:
-            dequantize_to(checkpoint, temp, target_dtype, max_bytes)
+            dequantize_to(checkpoint, temp, target_dtype, max_bytes, record)
         return 0
 
     guarded(run)

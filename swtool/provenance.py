@@ -62,14 +62,15 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def provenance(command: str, options: Mapping[str, Any], inputs: Iterable[str | Path]) -> dict[str, str]:
+def provenance(command: str, options: Mapping[str, Any], inputs: Iterable[str | Path], digests: Mapping[str, str] | None = None) -> dict[str, str]:
     """The four `swtool.*` metadata fields for an output of `command`.
 
     `options`: the options that determine the output's bytes (bits, block, super weights
     used...), not where it goes or how chatty the run is (-o, --force, --quiet).
     `inputs`: every file or directory the output was made from (MODEL, a --super FILE).
+    `digests`: name -> sha256 of inputs that are no file, or were already hashed (`--super -`).
     """
-    hashes: dict[str, str] = {}
+    hashes: dict[str, str] = dict(digests or {})
     for item in inputs:
         for name, file in input_files(Path(item)).items():
             hashes[name] = sha256_file(file)
