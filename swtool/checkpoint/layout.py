@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from swtool.arch import family_for
+from swtool.arch import family_of
 from swtool.checkpoint.base import Checkpoint
 from swtool.errors import SwtoolError
 
@@ -20,7 +20,7 @@ LAYER_INDEX = re.compile(r"^(?:model\.layers|blk)\.(\d+)\.")
 def check_layout(checkpoint: Checkpoint) -> None:
     """Every tensor the config implies exists with the implied shape, and no layer lies beyond the config."""
     config = checkpoint.config
-    family = family_for(config.model_type)
+    family = family_of(config)
     globals_ = family.global_tensors(config)
     widths = {"embed": (config.vocab_size, config.hidden_size), "head": (config.vocab_size, config.hidden_size), "final_norm": (config.hidden_size,)}
     for role, name in globals_.items():
