@@ -198,7 +198,39 @@ def test_index_lists_a_tensor_its_shard_lacks(model):
 def test_index_not_json(model):
     shard(model)
     (model / "model.safetensors.index.json").write_text("{weight_map: ")
+    scan_fails(model, "a safetensors index is not valid JSON")
+    write_index(model, {"model.embed_tokens.weight": 7})
     scan_fails(model, "not a valid index")
+
+
+@pytest.mark.parametrize("shard_name", ["../outside.safetensors", "/etc/hostname", ".hidden.safetensors"])
+def test_index_naming_a_file_outside_the_directory(model, shard_name):
+    names, weight_map = shard(model)
+    write_index(model, {**weight_map, names[0]: shard_name})
+    scan_fails(model, f"shard name '{shard_name}' is not a file name in the model directory")
+
+
+def test_header_of_countless_tiny_entries_is_refused_before_parsing(model):
+    """Valid JSON within the 100 MB cap, but 1.7 million zero-size tensors would take GBs as Python objects."""
+    entry = b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    header = b"{" + b",".join(entry % i for i in range(200_000)) + b"}"
+    rewrite(model, struct.pack("<Q", len(header)) + header)
+    scan_fails(model, "safetensors header holds more than 1000000 JSON values")
+
+
+@pytest.mark.parametrize("where", ["model.safetensors", "config.json"])
+def test_deeply_nested_json(model, where):
+    nested = b"[" * 100_000 + b"]" * 100_000
+    if where == "config.json":
+        (model / where).write_bytes(nested)
+    else:
+        rewrite(model, struct.pack("<Q", len(nested)) + nested)
+    scan_fails(model, "is not valid JSON \\(RecursionError\\)")
+
+
+def test_oversized_config(model):
+    (model / "config.json").write_bytes(b" " * (16 * 1024 * 1024 + 1))
+    scan_fails(model, "too large for config.json")
 
 
 # -- GGUF ------------------------------------------------------------------------
@@ -271,6 +303,19 @@ def test_gguf_absurd_string_length(gguf_path):
     scan_fails(gguf_path, "string value of general.architecture needs")
 
 
+def gguf_with_array(path: Path, count: int) -> None:
+    """A GGUF holding nothing but one real uint8 metadata array of `count` items."""
+    key = b"big"
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 0, count)
+    path.write_bytes(header + bytes(count))
+
+
+def test_gguf_metadata_array_too_many_real_items(tmp_path):
+    """Items that really are in the file: gguf-py would make a Python object of each (GBs for a 1 GB file)."""
+    gguf_with_array(tmp_path / "big.gguf", (1 << 22) + 1)
+    scan_fails(tmp_path / "big.gguf", r"key big: 4194305 array items \(4194305 in all\) exceed swtool's limits")
+
+
 ABSURD_RSS = textwrap.dedent(
     """
     import resource, sys
@@ -338,7 +383,7 @@ def test_config_malformed_value(model, changes, match):
 
 def test_config_not_json(model):
     (model / "config.json").write_text("{'model_type': 'llama'")
-    scan_fails(model, "config.json: not valid JSON")
+    scan_fails(model, "config.json is not valid JSON")
 
 
 def test_config_declares_more_layers_than_the_weights_hold(model):

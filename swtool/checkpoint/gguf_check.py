@@ -36,6 +36,13 @@ MAX_NAME = 65535
 MAX_NESTING = 8
 """Arrays of arrays deeper than this are refused rather than recursed into."""
 
+MAX_ARRAY_ITEMS = 1 << 22
+"""Items in one metadata array. The largest real ones are vocabularies and merge lists (~300k);
+gguf-py turns every item into a Python object, so a billion one-byte items would take tens of GBs."""
+
+MAX_METADATA_ITEMS = 1 << 23
+"""Items in all metadata arrays together, for the same reason."""
+
 SCALAR_SIZES = {
     gguf.GGUFValueType.UINT8: 1,
     gguf.GGUFValueType.INT8: 1,
@@ -58,6 +65,8 @@ class _Cursor:
 
     def __init__(self, path: Path, data: mmap.mmap | bytes, order: str):
         self.path, self.data, self.order, self.pos = path, data, order, 0
+        self.items = 0
+        """Metadata array items seen so far."""
 
     def fail(self, message: str) -> SwtoolError:
         return SwtoolError(f"{self.path}: corrupt GGUF header: {message}")
@@ -115,6 +124,12 @@ class _Cursor:
                 raise self.fail(f"key {key}: unknown array item type {item_raw}") from None
             if count * MIN_VALUE_SIZE[item] > self.remaining():
                 raise self.fail(f"key {key}: array claims {count} items, more than the {self.remaining()} bytes left in the file hold")
+            self.items += count
+            if count > MAX_ARRAY_ITEMS or self.items > MAX_METADATA_ITEMS:
+                raise self.fail(
+                    f"key {key}: {count} array items ({self.items} in all) exceed swtool's limits "
+                    f"({MAX_ARRAY_ITEMS} per array, {MAX_METADATA_ITEMS} in all; real files hold a few hundred thousand)"
+                )
             if item in SCALAR_SIZES:
                 self.skip(count * SCALAR_SIZES[item], f"array {key}")
             else:
