@@ -68,6 +68,26 @@ def test_second_writer_to_the_same_output_refuses(tmp_path):
     assert listing(tmp_path) == []
 
 
+def test_an_output_finished_while_waiting_for_the_lock_is_not_overwritten(tmp_path, monkeypatch):
+    """Both runs saw no OUT; the first finished it before the second took the lock: the second must refuse."""
+    from swtool.checkpoint import atomic
+
+    target = tmp_path / "OUT"
+    real_lock = atomic._lock
+
+    def lock_after_another_run(lock, tgt):
+        target.mkdir()
+        (target / "first").write_text("first")
+        return real_lock(lock, tgt)
+
+    monkeypatch.setattr(atomic, "_lock", lock_after_another_run)
+    with pytest.raises(SwtoolError, match="already exists"):
+        with atomic_output(target, directory=True) as temp:
+            (temp / "second").write_text("second")
+    assert listing(target) == ["first"]
+    assert listing(tmp_path) == ["OUT"]
+
+
 def test_writers_to_different_outputs_run_side_by_side(tmp_path):
     writers = [start(tmp_path / f"OUT{i}", seconds=0.5) for i in range(3)]
     assert [finish(w) for w in writers] == [(0, "")] * 3

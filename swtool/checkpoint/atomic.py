@@ -131,6 +131,7 @@ def atomic_output(target: Path, *, directory: bool, inputs: list[Path] = (), for
         try:
             with _signals_deferred():
                 fd = _lock(lock, target)
+                check_target(target, list(inputs), force)  # again, under the lock: another run may have just finished it
                 _remove_leftovers(parent, target.name)
                 if directory:
                     temp.mkdir()
