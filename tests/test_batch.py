@@ -86,6 +86,7 @@ def test_progress_bar_only_on_a_terminal(models):
     assert b"scan alpha" in b"".join(chunks)
 
 
+@pytest.mark.slow  # the default run takes the same find | xargs pattern with quantize (test_writing_commands.py)
 def test_pipeline_through_a_real_shell(models):
     """The README's batch pattern: find models, scan them in parallel, summarise the JSON Lines."""
     summary = (

@@ -116,15 +116,17 @@ def start_slow(args: list[object]) -> subprocess.Popen:
     return process
 
 
-@pytest.mark.parametrize("command, sig", [("quantize", signal.SIGTERM), ("dequantize", signal.SIGINT)])
-def test_signal_mid_write_leaves_no_output_and_a_second_run_on_the_same_output_refuses(command, sig, model, super_json, quantized, tmp_path):
+@pytest.mark.parametrize("command, sig, race", [("quantize", signal.SIGTERM, True), ("dequantize", signal.SIGINT, False)])
+def test_signal_mid_write_leaves_no_output(command, sig, race, model, super_json, quantized, tmp_path):
+    """And (once, to keep the suite fast) a second run on the same output meanwhile refuses."""
     out = tmp_path / "OUT"
     argv, inputs = WRITERS[command](model, super_json, quantized, out)
     before = snapshot(*inputs)
     writer = start_slow(argv)
     assert any(".swtool-tmp-" in n for n in os.listdir(tmp_path))  # half written
-    second = subprocess.run([*SWTOOL, *map(str, argv)], capture_output=True, text=True, timeout=120)
-    assert_user_error(second, f"{out}: another swtool process is writing it")
+    if race:
+        second = subprocess.run([*SWTOOL, *map(str, argv)], capture_output=True, text=True, timeout=120)
+        assert_user_error(second, f"{out}: another swtool process is writing it")
     writer.send_signal(sig)
     _, stderr = writer.communicate(timeout=60)
     assert writer.returncode == 128 + sig
