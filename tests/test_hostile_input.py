@@ -113,6 +113,12 @@ def test_overlapping_tensors(model):
     scan_fails(model, "overlaps the previous tensor's bytes")
 
 
+def test_trailing_bytes_after_the_last_tensor(model):
+    with (model / "model.safetensors").open("ab") as fh:
+        fh.write(b"\0" * 24)
+    scan_fails(model, "24 trailing bytes after the last tensor")
+
+
 def test_hole_between_tensors(model):
     def patch(header):
         header.pop("model.layers.0.self_attn.v_proj.weight")
@@ -293,6 +299,23 @@ def test_gguf_metadata_array_with_an_absurd_length(gguf_path):
     scan_fails(gguf_path, r"key tokenizer.ggml.tokens: array claims 4611686018427387904 items")
 
 
+def field_at(path: Path, after: bytes, fmt: str, skip: int = 0) -> int:
+    data = path.read_bytes()
+    return struct.unpack_from("<" + fmt, data, data.index(after) + len(after) + skip)[0]
+
+
+def test_gguf_misaligned_tensor(gguf_path):
+    offset = field_at(gguf_path, b"blk.1.ffn_down.weight", "Q", skip=4 + 16 + 4)
+    patch_bytes(gguf_path, b"blk.1.ffn_down.weight", "Q", offset + 4, skip=4 + 16 + 4)
+    scan_fails(gguf_path, r"tensor blk.1.ffn_down.weight starts at offset \d+, not a multiple of the alignment 32")
+
+
+def test_gguf_overlapping_tensors(gguf_path):
+    offset = field_at(gguf_path, b"blk.1.ffn_up.weight", "Q", skip=4 + 16 + 4)
+    patch_bytes(gguf_path, b"blk.1.ffn_down.weight", "Q", offset, skip=4 + 16 + 4)
+    scan_fails(gguf_path, "tensor blk.1.(ffn_down|ffn_up).weight overlaps the previous tensor's data")
+
+
 def test_gguf_absurd_counts(gguf_path):
     patch_bytes(gguf_path, b"GGUF", "Q", 2**60, skip=4 + 8)
     scan_fails(gguf_path, "key/values and .* tensors cannot fit")
@@ -383,6 +406,8 @@ def test_config_missing_key(model, key):
         ({"rms_norm_eps": "tiny"}, "config.json: malformed value"),
         ({"rope_scaling": [1, 2]}, "config.json: malformed value"),
         ({"model_type": "gpt_neox"}, "unsupported model_type 'gpt_neox'"),
+        ({"num_hidden_layers": 10**12}, "layer count 1000000000000 is not an integer between 1 and 10000"),
+        ({"num_local_experts": 10**9, "num_experts_per_tok": 2}, "1000000000 experts is not between 0 and 4096"),
     ],
 )
 def test_config_malformed_value(model, changes, match):
