@@ -273,7 +273,22 @@ def dequantize(
 
 
 def main() -> None:
-    app()
+    """The console script: the typer app, with option-parsing errors as one line like every other user error."""
+    exceptions = sys.modules[typer.BadParameter.__module__]  # click's, or the copy of click newer typer vendors
+    try:
+        status = app(standalone_mode=False)
+    except getattr(exceptions, "NoArgsIsHelpError", ()) as exc:  # bare `swtool`: typer has printed the help
+        sys.exit(exc.exit_code)
+    except exceptions.UsageError as exc:  # unknown option, `--bits abc`, missing argument...
+        command = exc.ctx.command_path if exc.ctx else "swtool"
+        print(f"swtool: error: {exc.format_message()} (see {command} --help)", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C outside a command body
+        print("swtool: error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(status or 0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from clirun import SWTOOL, invoke
+from clirun import SWTOOL, assert_user_error, invoke
 from synthetic import CONFIG, llama_dir, llama_tensors, plant
 
 EFFECT = ("--min-effect", "0.05")
@@ -128,3 +128,10 @@ def test_a_closed_pipe_stops_quietly(models):
     done = shell("swtool scan models/alpha models/beta --json | head -c 1; echo \" ${PIPESTATUS[0]}\"", cwd=models.parent)
     assert done.stdout == "{ 141\n"
     assert done.stderr == ""
+
+
+def test_option_errors_are_one_line_too(models, tmp_path):
+    """What the option parser refuses reads like every other user error (the console script wraps typer)."""
+    done = subprocess.run([*SWTOOL, "quantize", str(models / "alpha"), "-o", str(tmp_path / "q"), "--bits", "abc"], capture_output=True, text=True, timeout=120)
+    assert_user_error(done, r"Invalid value for '--bits'.*\(see swtool quantize --help\)")
+    assert not (tmp_path / "q").exists()
