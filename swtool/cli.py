@@ -58,10 +58,13 @@ def guarded(run: Callable[[], int]) -> None:
         status = run()
     except SwtoolError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGINT/SIGTERM turned into atomic.Interrupted while writing
+        fail(str(exc) or "interrupted", getattr(exc, "status", 130))
     except typer.Exit:
         raise
+    except BrokenPipeError:  # whoever read stdout went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except Exception as exc:  # an internal error: say so, keep the traceback for those who ask
         if os.environ.get("SWTOOL_DEBUG"):
             traceback.print_exc()
@@ -91,6 +94,7 @@ def scan(
     relative_effect: Annotated[float, typer.Option(help="A super weight's effect must also reach this fraction of the strongest candidate's.")] = 0.5,
     expect: Annotated[Optional[str], typer.Option(help="Compare with this model's entries in the super weight directory (default: the model the checkpoint names, if listed).")] = None,
     directory_files: Annotated[Optional[list[Path]], typer.Option("--directory-file", help="Local directory file whose entries --expect also considers (see `swtool directory --file`); repeatable.")] = None,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Go on when weights hold NaN or Inf (refused by default).")] = False,
 ) -> None:
     """Stream a checkpoint layer by layer and report its super activations and super weights."""
 
@@ -112,7 +116,7 @@ def scan(
         failures = 0
         for model in models:
             try:
-                checkpoint = open_checkpoint(model)
+                checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
                 with progress_bar(f"scan {model.name}", enabled=not (quiet or as_json)) as progress:
                     result = run_scan(
                         checkpoint,
@@ -182,17 +186,18 @@ def quantize(
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.", rich_help_panel="Output")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.", rich_help_panel="Output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Go on when weights hold NaN or Inf (refused by default).")] = False,
 ) -> None:
     """Round-to-nearest block quantization, streamed tensor by tensor, with super weights held out."""
 
     def run() -> int:
-        from swtool import __version__
         from swtool.checkpoint import open_checkpoint
         from swtool.checkpoint.atomic import atomic_output, check_target
         from swtool.checkpoint.safetensors_out import parse_size
         from swtool.quant.rtn import QuantSpec, check_bits, parse_block, parse_clip
         from swtool.quant.supers import from_scan, read_argument
-        from swtool.quantize import WRITERS, QuantizeJob, input_hashes, refuse_quantized, targets
+        from swtool.provenance import provenance
+        from swtool.quantize import WRITERS, QuantizeJob, model_inputs, refuse_quantized, targets
         from swtool.report import progress_bar, render_quantize
 
         spec = QuantSpec(check_bits(bits), parse_block(block), sym, parse_clip(clip))
@@ -202,14 +207,14 @@ def quantize(
         if super_file is not None and not keep_super:
             raise SwtoolError("--super and --no-keep-super contradict each other")
         writer, is_directory = WRITERS[out_format]
-        checkpoint = open_checkpoint(model)
+        checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
         refuse_quantized(checkpoint)
         check_target(output, [model], force)
-        inputs = input_hashes(checkpoint)
+        digests = {}
         held = []
         if super_file is not None:
             held, label, digest = read_argument(super_file, checkpoint, sys.stdin)
-            inputs[label] = digest
+            digests[label] = digest
         elif keep_super:
             from swtool.detect import scan as run_scan
 
@@ -218,14 +223,14 @@ def quantize(
         options = {
             "bits": bits, "block": spec.block, "sym": sym, "clip": str(spec.clip), "keep_super": keep_super,
             "super": "scan" if super_file is None and keep_super else super_file, "include_embeddings": include_embeddings,
-            "include_head": include_head, "format": out_format, "max_shard_size": max_shard_size,
+            "include_head": include_head, "format": out_format, "max_shard_size": max_shard_size, "allow_nonfinite": allow_nonfinite,
         }
         job = QuantizeJob(
             checkpoint,
             spec,
             targets(checkpoint, include_embeddings, include_head),
             held,
-            {"source": str(model.resolve()), "version": __version__, "options": options, "inputs": inputs},
+            {"swtool.source": str(model.resolve()), **provenance("quantize", options, model_inputs(checkpoint), digests)},
             max_bytes,
         )
         with atomic_output(output, directory=is_directory, inputs=[model], force=force) as temp:
@@ -252,21 +257,38 @@ def dequantize(
         from swtool.checkpoint import open_checkpoint
         from swtool.checkpoint.atomic import atomic_output, check_target
         from swtool.checkpoint.safetensors_out import parse_size
-        from swtool.quantize import dequantize_to, require_quantized
+        from swtool.provenance import provenance
+        from swtool.quantize import dequantize_to, model_inputs, require_quantized
 
         target_dtype = torch_dtype(dtype) if dtype is not None else None
         max_bytes = parse_size(max_shard_size)
         checkpoint = require_quantized(open_checkpoint(quantized))
         check_target(output, [quantized], force)
+        record = provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size}, model_inputs(checkpoint))
         with atomic_output(output, directory=True, inputs=[quantized], force=force) as temp:
-            dequantize_to(checkpoint, temp, target_dtype, max_bytes)
+            dequantize_to(checkpoint, temp, target_dtype, max_bytes, record)
         return 0
 
     guarded(run)
 
 
 def main() -> None:
-    app()
+    """The console script: the typer app, with option-parsing errors as one line like every other user error."""
+    exceptions = sys.modules[typer.BadParameter.__module__]  # click's, or the copy of click newer typer vendors
+    try:
+        status = app(standalone_mode=False)
+    except getattr(exceptions, "NoArgsIsHelpError", ()) as exc:  # bare `swtool`: typer has printed the help
+        sys.exit(exc.exit_code)
+    except exceptions.UsageError as exc:  # unknown option, `--bits abc`, missing argument...
+        command = exc.ctx.command_path if exc.ctx else "swtool"
+        print(f"swtool: error: {exc.format_message()} (see {command} --help)", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C outside a command body
+        print("swtool: error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(status or 0)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ many spellings of the same field across transformers versions) meet here once.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +63,8 @@ class ModelConfig:
             )
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise SwtoolError(f"config: {len(self.sliding_layers)} sliding-window layer flags for {self.num_layers} layers")
+        if not 0 <= self.num_experts <= MAX_EXPERTS:  # per-layer name tables are built from it
+            raise SwtoolError(f"config: {self.num_experts} experts is not between 0 and {MAX_EXPERTS}")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise SwtoolError(f"config: num_experts_per_tok ({self.experts_per_token}) must be between 1 and num_local_experts ({self.num_experts})")
         if not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
@@ -114,15 +118,51 @@ def _hf_sliding_layers(cfg: dict[str, Any], model_type: str, num_layers: int) ->
     return ()
 
 
+@contextmanager
+def _malformed(source: str) -> Iterator[None]:
+    """A value of the wrong type anywhere in a config (a string for a width, a list for a dict) is the user's error."""
+    try:
+        yield
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError, KeyError) as exc:
+        raise SwtoolError(f"{source}: malformed value ({exc.__class__.__name__}: {exc})") from None
+
+
+MAX_LAYERS = 10_000
+"""Far beyond any real model (the largest have ~130 layers); per-layer tables are built from the layer
+count before any tensor is seen, so a hostile config must not make them billions long."""
+
+
+MAX_EXPERTS = 4096
+"""Far beyond any real MoE (hundreds of experts): bounds the per-layer name tables a hostile config could ask for."""
+
+
+def _layer_count(value: Any, source: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_LAYERS:
+        raise SwtoolError(f"{source}: layer count {value!r} is not an integer between 1 and {MAX_LAYERS}")
+    return value
+
+
+def _require_int(cfg: dict[str, Any], key: str) -> int:
+    value = _require(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise SwtoolError(f"config.json: {key} must be a positive integer, got {value!r}")
+    return value
+
+
 def from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """Build from a transformers `config.json` (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
+    with _malformed("config.json"):
+        return _from_hf(cfg)
+
+
+def _from_hf(cfg: dict[str, Any]) -> ModelConfig:
     if not isinstance(cfg, dict):
         raise SwtoolError("config.json: not a JSON object")
     if "text_config" in cfg and "num_hidden_layers" not in cfg:
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
     model_type = _require(cfg, "model_type")
-    hidden = _require(cfg, "hidden_size")
-    heads = _require(cfg, "num_attention_heads")
+    hidden = _require_int(cfg, "hidden_size")
+    heads = _require_int(cfg, "num_attention_heads")
     global_rope, local_rope = _hf_rope(cfg)
     theta = global_rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
     partial = float(global_rope.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor") or 1.0)
@@ -130,7 +170,7 @@ def from_hf(cfg: dict[str, Any]) -> ModelConfig:
     if scaling and cfg.get("original_max_position_embeddings"):  # v4 Phi-3 configs keep it outside rope_scaling
         scaling.setdefault("original_max_position_embeddings", cfg["original_max_position_embeddings"])
     head_dim = cfg.get("head_dim") or hidden // heads
-    num_layers = _require(cfg, "num_hidden_layers")
+    num_layers = _layer_count(_require(cfg, "num_hidden_layers"), "config.json")
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     scalar = cfg.get("query_pre_attn_scalar")
     config = ModelConfig(
@@ -189,7 +229,11 @@ def _gguf_query_scale(arch: str, hidden: int, heads: int, num_layers: int) -> fl
 
 def from_gguf(meta: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> ModelConfig:
     """Build from GGUF key/values (`{arch}.block_count`, ...) as llama.cpp writes them."""
+    with _malformed("GGUF metadata"):
+        return _from_gguf(meta, arch, vocab_size, tied)
 
+
+def _from_gguf(meta: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> ModelConfig:
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
@@ -205,7 +249,7 @@ def from_gguf(meta: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> M
         scaling = {"rope_type": scaling_type, "factor": float(get("rope.scaling.factor"))}
         if scaling_type == "yarn":
             scaling["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
-    num_layers = int(get("block_count"))
+    num_layers = _layer_count(int(get("block_count")), "GGUF metadata")
     window = meta.get(f"{arch}.attention.sliding_window") or (4096 if arch == "gemma2" else None)
     theta = float(meta.get(f"{arch}.rope.freq_base") or 10000.0)
     local_theta = meta.get(f"{arch}.rope.freq_base_swa", GGUF_LOCAL_ROPE_BASE.get(arch))

@@ -9,7 +9,6 @@ and write one tensor at a time. The output format is a writer picked by name
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -55,7 +54,8 @@ class QuantizeJob:
     targets: list[str]
     """Canonical names of the tensors to quantize, in checkpoint order."""
     held: list[Held] = field(default_factory=list)
-    provenance: dict[str, object] = field(default_factory=dict)
+    provenance: dict[str, str] = field(default_factory=dict)
+    """swtool.* metadata fields recording how the output was made (see swtool.provenance)."""
     max_shard_bytes: int = 5 * 10**9
 
 
@@ -91,14 +91,6 @@ def native_dtype(checkpoint: Checkpoint, name: str) -> torch.dtype:
     return FLOAT_TYPES.get(checkpoint.stored_dtype(name), torch.float16)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_inputs(checkpoint: Checkpoint) -> list[Path]:
     """Every file of the model that quantize reads: weights, config and tokenizer files."""
     files = list(checkpoint.files)
@@ -108,11 +100,6 @@ def model_inputs(checkpoint: Checkpoint) -> list[Path]:
         if index.is_file():
             files.append(index)
     return sorted(set(files))
-
-
-def input_hashes(checkpoint: Checkpoint) -> dict[str, str]:
-    root = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
-    return {str(p.relative_to(root)): sha256(p) for p in model_inputs(checkpoint)}
 
 
 def held_values(job: QuantizeJob) -> dict[str, list[tuple[int, int, float]]]:
@@ -193,11 +180,13 @@ def refuse_quantized(checkpoint: Checkpoint) -> None:
         raise SwtoolError(f"{checkpoint.path}: already quantized by swtool ({layout.FORMAT}); quantize its source, or dequantize it first")
 
 
-def dequantize_to(checkpoint: QuantizedCheckpoint, directory: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9) -> torch.dtype:
+def dequantize_to(
+    checkpoint: QuantizedCheckpoint, directory: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, provenance: dict[str, str] | None = None
+) -> torch.dtype:
     """Write a swtool-quantized checkpoint back as a standard HF directory; returns the dtype written."""
     dtype = dtype or checkpoint.header.dtype
     with parallel_chunks():
-        write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT})
+        write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT, **(provenance or {})})
     copy_model_files(checkpoint, directory, dtype)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())

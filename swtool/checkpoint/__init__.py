@@ -1,17 +1,39 @@
-"""Open any checkpoint swtool reads: an HF directory, a swtool-quantized directory or a GGUF file."""
+"""Open any checkpoint swtool reads: an HF directory, a swtool-quantized directory or a GGUF file, checked against its config."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from swtool.checkpoint.base import Checkpoint
 from swtool.errors import SwtoolError
+
+if TYPE_CHECKING:  # importing the readers pulls in torch; `swtool.checkpoint.atomic` users need none of it
+    from swtool.checkpoint.base import Checkpoint
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    path = Path(path)
+def pickle_refusal(path: Path) -> SwtoolError:
+    """Why a PyTorch pickle is refused and how to convert it: unpickling runs whatever code the file holds."""
+    return SwtoolError(
+        f"{path}: PyTorch pickle weights; swtool never unpickles them (unpickling can run arbitrary code). "
+        "Convert to safetensors first, only where you trust the file: transformers' "
+        "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True), or "
+        "safetensors.torch.save_file(torch.load(FILE, weights_only=True), 'model.safetensors')"
+    )
+
+
+def open_checkpoint(path: str | Path, allow_nonfinite: bool = False) -> Checkpoint:
+    """Open lazily; refuse damaged files, configs that disagree with the tensors and (as they load) NaN/Inf weights."""
+    from swtool.checkpoint.layout import check_layout
+
+    checkpoint = _open(Path(path))
+    checkpoint.allow_nonfinite = allow_nonfinite
+    check_layout(checkpoint)
+    return checkpoint
+
+
+def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise SwtoolError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -24,13 +46,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             return QuantizedCheckpoint(path, metadata)
         return SafetensorsCheckpoint(path)
     if path.suffix in PICKLE_SUFFIXES:
-        raise SwtoolError(
-            f"{path}: PyTorch pickle checkpoint; swtool never unpickles (it can run arbitrary code). "
-            "Convert it to safetensors first, e.g. with transformers' save_pretrained(out, safe_serialization=True)"
-        )
+        raise pickle_refusal(path)
     with path.open("rb") as fh:
         magic = fh.read(4)
-    if magic == b"GGUF":
+    if magic == b"GGUF" or path.suffix == ".gguf":
         from swtool.checkpoint.gguf_in import GGUFCheckpoint
 
         return GGUFCheckpoint(path)

@@ -4,6 +4,11 @@ Callers ask for tensors by their canonical (Hugging Face) name and get torch
 tensors in the dtype they want; nothing is read until asked for, and only the
 rows asked for when `rows` is given. Formats differ only in how they find the
 bytes and turn them into an array (`_read`).
+
+Every tensor is checked for NaN and Inf as it streams through `load` (a cheap
+sum, and a precise count only when the sum is not finite), so a damaged
+checkpoint is refused with the tensor's name instead of being quantized or
+scanned into nonsense; `allow_nonfinite` lets such weights through.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from swtool.errors import SwtoolError
 
 Rows = slice | Sequence[int] | np.ndarray | None
 
+CHECK_CHUNK = 1 << 22
+"""Elements examined at once when counting NaN/Inf: bounds the temporary mask."""
+
 
 class Checkpoint(ABC):
     path: Path
@@ -29,6 +37,9 @@ class Checkpoint(ABC):
 
     _entries: dict[str, object]
     """Canonical name -> whatever the format needs to find the tensor's bytes."""
+
+    allow_nonfinite: bool = False
+    """Let NaN/Inf weights through `load` instead of refusing them."""
 
     def names(self) -> list[str]:
         """Canonical names of every tensor in the checkpoint, in file order."""
@@ -60,7 +71,35 @@ class Checkpoint(ABC):
     def load(self, name: str, dtype: torch.dtype = torch.float32, rows: Rows = None) -> torch.Tensor:
         if not self.has(name):
             raise SwtoolError(f"{self.path}: tensor {name} not found")
-        return self._read(name, rows).to(dtype)
+        tensor = self._read(name, rows)
+        if not self.allow_nonfinite:
+            self._check_finite(name, tensor, rows)
+        return tensor.to(dtype)
+
+    def _check_finite(self, name: str, tensor: torch.Tensor, rows: Rows) -> None:
+        """Refuse NaN/Inf, naming the tensor and the first bad element; a sum is the fast path."""
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+            return
+        flat = tensor.reshape(-1)
+        count, first = 0, None
+        for start in range(0, flat.numel(), CHECK_CHUNK):
+            bad = ~torch.isfinite(flat[start : start + CHECK_CHUNK])
+            found = int(bad.sum())
+            if found and first is None:
+                first = start + int(bad.nonzero()[0, 0])
+            count += found
+        if not count:  # the sum overflowed (fp16), the values are fine
+            return
+        where = ""
+        if rows is None or isinstance(rows, slice):
+            index = [int(i) for i in np.unravel_index(first, tuple(tensor.shape))]
+            if isinstance(rows, slice) and index:
+                index[0] += rows.start or 0
+            where = f" (first at {index})"
+        raise SwtoolError(
+            f"{self.path}: tensor {self.stored_name(name)} holds {count} NaN/Inf value(s){where}; "
+            "the checkpoint is damaged (--allow-nonfinite to go on anyway)"
+        )
 
     def check_shape(self, name: str, expected: tuple[int, ...]) -> None:
         actual = self.shape(name)

@@ -23,12 +23,14 @@ import torch
 
 from swtool.arch import Family, family_for
 from swtool.checkpoint.base import Checkpoint, Rows
+from swtool.checkpoint.gguf_check import check_gguf
 from swtool.config import from_gguf
 from swtool.errors import SwtoolError
 
 ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 EXPERT = re.compile(r"\.experts\.(\d+)\.")
 """A per-expert canonical name; llama.cpp stores `.experts.` merged across experts."""
+BLOCK = re.compile(r"blk\.(\d+)\.")
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -45,10 +47,11 @@ def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
 
 
 def open_reader(path: Path) -> gguf.GGUFReader:
-    """gguf-py's reader, with its assorted failures on damaged files turned into one clear error."""
+    """gguf-py's reader, once our own walk of the header found it sound; residual failures become one clear error."""
+    check_gguf(path)
     try:
         return gguf.GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OverflowError, struct.error, MemoryError) as exc:
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error, MemoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise SwtoolError(f"{path}: not a readable GGUF file ({message})") from None
 
@@ -85,10 +88,13 @@ class GGUFCheckpoint(Checkpoint):
         self._entries = self._canonical_map(tensors)
 
     def _canonical_map(self, tensors: dict[str, Any]) -> dict[str, Any]:
-        name_map = gguf.get_tensor_name_map(ARCH_BY_NAME[self.arch], self.config.num_layers)
+        # gguf-py's name map grows with the block count, which a hostile file can set to billions:
+        # map only the blocks that tensors exist for (check_layout then reports any the metadata claims in vain)
+        blocks = min(self.config.num_layers, len({m.group(1) for t in tensors if (m := BLOCK.match(t))}))
+        name_map = gguf.get_tensor_name_map(ARCH_BY_NAME[self.arch], blocks)
         canonical: dict[str, Any] = {}
         wanted = list(self.family.global_tensors(self.config).values())
-        for layer in range(self.config.num_layers):
+        for layer in range(blocks):
             wanted += self.family.layer_tensors(self.config, layer).values()
         merged = set()
         for name in dict.fromkeys(wanted):

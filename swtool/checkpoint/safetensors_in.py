@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from swtool.checkpoint import PICKLE_SUFFIXES, pickle_refusal
 from swtool.checkpoint.base import Checkpoint, Rows
 from swtool.config import from_hf
 from swtool.errors import SwtoolError
@@ -39,6 +40,31 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
 }
 
 SHARD_PATTERN = re.compile(r".*-\d+-of-\d+\.safetensors$")
+
+JSON_ITEMS_CAP = 1_000_000
+"""Most JSON values (counted as commas and opening brackets, before parsing) in a header, index or
+config. A real header holds a few thousand tensors at ~8 items each; 100 MB of tiny hostile entries
+would become millions of Python objects (GBs) if parsed."""
+
+CONFIG_CAP = 16 * 1024 * 1024
+"""config.json files are kilobytes; anything this large is not one."""
+
+
+def parse_json(raw: bytes, where: str, what: str) -> object:
+    """json.loads for untrusted bytes: bounded in the objects it may create, every failure one SwtoolError."""
+    if raw.count(b",") + raw.count(b"{") + raw.count(b"[") > JSON_ITEMS_CAP:
+        raise SwtoolError(f"{where}: {what} holds more than {JSON_ITEMS_CAP} JSON values; refusing it (real ones hold thousands)")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SwtoolError(f"{where}: {what} is not valid JSON ({exc.__class__.__name__})") from None
+
+
+def read_json(path: Path, cap: int, what: str) -> object:
+    size = path.stat().st_size
+    if size > cap:
+        raise SwtoolError(f"{path}: {size} bytes is too large for {what} (at most {cap})")
+    return parse_json(path.read_bytes(), str(path), what)
 
 
 @dataclass(frozen=True)
@@ -64,10 +90,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         if 8 + header_len > size:
             raise SwtoolError(f"{path}: safetensors header length ({header_len}) runs past the end of the file (truncated?)")
         raw = fh.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SwtoolError(f"{path}: safetensors header is not valid JSON ({exc.__class__.__name__})") from None
+    header = parse_json(raw, str(path), "safetensors header")
     if not isinstance(header, dict):
         raise SwtoolError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -81,7 +104,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         if not isinstance(info, dict):
             raise SwtoolError(f"{path}: tensor {name}: header entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise SwtoolError(f"{path}: tensor {name}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise SwtoolError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
@@ -120,14 +143,16 @@ def shard_map(directory: Path) -> dict[str, TensorEntry]:
     """All tensors of a directory, checking the index against the shards it names."""
     index_path = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
-    pickles = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    pickles = sorted(p for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
     if index_path.exists():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
-            raise SwtoolError(f"{index_path}: not a valid index (needs a JSON object with a weight_map)") from None
+        index = read_json(index_path, HEADER_CAP, "a safetensors index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise SwtoolError(f"{index_path}: not a valid index (needs a JSON object with a weight_map of shard names)")
         shard_names = sorted(set(weight_map.values()))
+        for shard_name in shard_names:
+            if shard_name != Path(shard_name).name or shard_name.startswith("."):
+                raise SwtoolError(f"{index_path}: shard name {shard_name!r} is not a file name in the model directory")
         entries: dict[str, TensorEntry] = {}
         for shard_name in shard_names:
             shard = directory / str(shard_name)
@@ -150,11 +175,7 @@ def shard_map(directory: Path) -> dict[str, TensorEntry]:
     if single.is_file():
         return read_header(single)[0]
     if pickles:
-        raise SwtoolError(
-            f"{directory}: only PyTorch pickle weights ({pickles[0]}); swtool never unpickles (it can run arbitrary code). "
-            "Convert them to safetensors first, e.g. with transformers: "
-            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
-        )
+        raise pickle_refusal(pickles[0])
     raise SwtoolError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -162,10 +183,10 @@ def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise SwtoolError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SwtoolError(f"{path}: not valid JSON ({exc})") from None
+    config = read_json(path, CONFIG_CAP, "config.json")
+    if not isinstance(config, dict):
+        raise SwtoolError(f"{path}: not a JSON object")
+    return config
 
 
 class SafetensorsCheckpoint(Checkpoint):

@@ -13,7 +13,8 @@ as itself. The safetensors `__metadata__` carries (all values are strings; the
   swtool.format_version  "1"
   swtool.quant           {"bits", "block" (int | "channel" | "tensor"), "sym", "clip", "dtype"}
   swtool.super           [{"tensor", "row", "col", "value"}]   the side table, values exact fp16
-  swtool.source, swtool.version, swtool.options, swtool.inputs (sha256 of each input file)
+  swtool.source          the MODEL path as given on the command line, resolved
+  swtool.version, swtool.command, swtool.options, swtool.inputs   see swtool.provenance
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Header:
     """Canonical tensor name -> (row, col, fp16 value) of its held-out weights."""
 
 
-def metadata(bits: int, block: int | str, sym: bool, clip: str, dtype: torch.dtype, held: dict[str, list[tuple[int, int, float]]], provenance: dict[str, object]) -> dict[str, str]:
+def metadata(bits: int, block: int | str, sym: bool, clip: str, dtype: torch.dtype, held: dict[str, list[tuple[int, int, float]]], provenance: dict[str, str]) -> dict[str, str]:
     table = [{"tensor": name, "row": r, "col": c, "value": v} for name, rows in held.items() for r, c, v in rows]
     meta = {
         "swtool.format": FORMAT,
@@ -79,7 +80,7 @@ def metadata(bits: int, block: int | str, sym: bool, clip: str, dtype: torch.dty
         "swtool.quant": json.dumps({"bits": bits, "block": block, "sym": sym, "clip": clip, "dtype": str(dtype).removeprefix("torch.")}),
         "swtool.super": json.dumps(table),
     }
-    meta.update({f"swtool.{key}": value if isinstance(value, str) else json.dumps(value, sort_keys=True) for key, value in provenance.items()})
+    meta.update(provenance)  # swtool.version, .command, .options, .inputs (swtool.provenance), and swtool.source
     return meta
 
 

@@ -158,6 +158,8 @@ def _scale_zero(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
         scale = ((high - low) / (2**bits - 1)).half()
         zero = low.half()
     if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
+        if not torch.isfinite(x).all():  # only reachable with --allow-nonfinite
+            raise SwtoolError("weights hold NaN or Inf, which round-to-nearest cannot quantize (--allow-nonfinite only lets them through unquantized tensors)")
         raise SwtoolError("weights exceed the fp16 range of scales and zero points")
     return scale, zero
 
