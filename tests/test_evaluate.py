@@ -150,3 +150,15 @@ def test_cli_eval_ablation_with_piped_super(planted, tmp_path):
     doc = json.loads(pruned.stdout)
     assert doc["settings"]["zero_super"] and doc["settings"]["super_weights"] == [["model.layers.1.mlp.down_proj.weight", 5, 7]]
     assert doc["nll"] != plain["nll"]
+
+
+def test_eval_reads_a_quantized_directory(planted, tmp_path):
+    """swtool's own quantized output is evaluated tensor by tensor, dequantized on the fly."""
+    directory, _ = planted
+    quantized = tmp_path / "q8"
+    result = CliRunner().invoke(app, ["quantize", str(directory), "-o", str(quantized), "--bits", "8", "--no-keep-super", "-q"])
+    assert result.exit_code == 0, result.output
+    windows = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
+    original = perplexity(open_checkpoint(directory), windows)
+    rounded = perplexity(open_checkpoint(quantized), windows)
+    assert rounded != original and rounded == pytest.approx(original, abs=0.1)  # 8-bit: close, not equal
