@@ -16,7 +16,7 @@ from typing import TextIO
 
 import torch
 
-from swtool.arch import Family, family_for
+from swtool.arch import Family, family_of
 from swtool.checkpoint.base import Checkpoint
 from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
@@ -32,7 +32,7 @@ def linear_roles(family: Family, config: ModelConfig) -> list[str]:
 def linear_layers(checkpoint: Checkpoint) -> dict[str, int]:
     """Canonical name -> layer of every projection matrix in every decoder layer."""
     config = checkpoint.config
-    family = family_for(config.model_type, config.num_experts)
+    family = family_of(config)
     roles = linear_roles(family, config)
     return {name: i for i in range(config.num_layers) for role, name in family.layer_tensors(config, i).items() if role in roles}
 

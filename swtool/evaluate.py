@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swtool.arch import family_for
+from swtool.arch import family_of
 from swtool.checkpoint.base import Checkpoint
 from swtool.edit import EditPlan, edit_tensor, linear_layers, linear_roles
 from swtool.errors import SwtoolError
@@ -242,7 +242,7 @@ def check_smoothable(checkpoint: Checkpoint) -> None:
     """SmoothQuant's factors fold into RMSNorm weights ahead of separate q/k/v and gate/up projections."""
     from swtool.actquant import SMOOTHED
 
-    family = family_for(checkpoint.config.model_type, checkpoint.config.num_experts)
+    family = family_of(checkpoint.config)
     roles = family.layer_tensors(checkpoint.config, 0)
     needed = {fold for fold, _ in SMOOTHED.values()} | {t for _, targets in SMOOTHED.values() for t in targets}
     if family.norm != "rms" or not family.pre_norm or not needed <= set(roles):
