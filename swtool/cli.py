@@ -81,6 +81,14 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SwtoolError("--device cuda: no CUDA device is available (the CPU is the default)")
+
+
 @app.command()
 def scan(
     models: Annotated[list[Path], typer.Argument(help="HF model directories or GGUF files; several give JSON Lines with --json.")],
@@ -95,6 +103,7 @@ def scan(
     expect: Annotated[Optional[str], typer.Option(help="Compare with this model's entries in the super weight directory (default: the model the checkpoint names, if listed).")] = None,
     directory_files: Annotated[Optional[list[Path]], typer.Option("--directory-file", help="Local directory file whose entries --expect also considers (see `swtool directory --file`); repeatable.")] = None,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Go on when weights hold NaN or Inf (refused by default).")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw per-layer down_proj maxima, super weight layers marked, into this PNG (needs matplotlib).")] = None,
 ) -> None:
     """Stream a checkpoint layer by layer and report its super activations and super weights."""
 
@@ -105,11 +114,13 @@ def scan(
         from swtool.report import progress_bar, render_expected, render_scan
 
         compute = torch_dtype(dtype)
-        if device.startswith("cuda"):
-            import torch
+        if plot is not None:
+            if len(models) > 1:
+                raise SwtoolError("--plot draws one model; give a single MODEL")
+            from swtool.plot import pyplot
 
-            if not torch.cuda.is_available():
-                raise SwtoolError("--device cuda: no CUDA device is available (the CPU is the default)")
+            pyplot()  # fail before the scan, not after it, when matplotlib is missing
+        check_device(device)
         known = sw_directory.load(directory_files or [])
         if expect is not None:
             known.require(expect)  # fail before a long scan, not after
@@ -138,6 +149,10 @@ def scan(
             comparison = sw_directory.expected(known, doc["super_weights"], [checkpoint.config.name, model.name, model.stem], expect)
             if comparison is not None:
                 doc["expected"] = comparison
+            if plot is not None:
+                from swtool.plot import plot_scan
+
+                plot_scan(result, plot)
             if as_json:
                 print(json.dumps(doc), flush=True)
             elif not quiet:
@@ -243,6 +258,67 @@ def quantize(
     guarded(run)
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Argument(help="HF model directory or GGUF file.")],
+    text: Annotated[Path, typer.Option("--text", help="UTF-8 text file to measure perplexity on.")],
+    ctx: Annotated[int, typer.Option(help="Window length in tokens (capped at the model's context).")] = 2048,
+    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows (quick runs).")] = None,
+    batch: Annotated[int, typer.Option(help="Windows pushed through a layer at once.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json output).")] = False,
+    device: Annotated[str, typer.Option(help="torch device for the forward, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: fp32, bf16 or fp16.")] = "fp32",
+    zero_super: Annotated[bool, typer.Option("--zero-super", help="Evaluate with the super weights zeroed (in memory).", rich_help_panel="Ablations")] = False,
+    scale_super: Annotated[Optional[float], typer.Option(help="Evaluate with the super weights multiplied by F.", rich_help_panel="Ablations")] = None,
+    zero_outliers: Annotated[int, typer.Option(help="Evaluate with the N largest weights of each linear tensor zeroed, super weights excepted.", rich_help_panel="Ablations")] = 0,
+    restore_super_act: Annotated[bool, typer.Option("--restore-super-act", help="With --zero-super: write the original super activation back (Prune SW, +SA).", rich_help_panel="Ablations")] = False,
+    super_file: Annotated[Optional[str], typer.Option("--super", help="swtool scan --json output naming the super weights (- for stdin); default: scan.", rich_help_panel="Ablations")] = None,
+    w_bits: Annotated[Optional[int], typer.Option(help="Fake-quantize the linear weights per tensor (RTN, symmetric).", rich_help_panel="Simulated quantization")] = None,
+    a_bits: Annotated[Optional[int], typer.Option(help="Fake-quantize every linear input per token (RTN, symmetric).", rich_help_panel="Simulated quantization")] = None,
+    a_granularity: Annotated[str, typer.Option(help="Activation scales: token (one per token) or tensor (one per window).", rich_help_panel="Simulated quantization")] = "token",
+    keep_super_act: Annotated[bool, typer.Option("--keep-super-act", help="Hold each window's largest activation out of its group's quantization (data-free).", rich_help_panel="Simulated quantization")] = False,
+    smoothquant: Annotated[Optional[float], typer.Option(metavar="ALPHA", help="SmoothQuant baseline with this migration strength (the paper uses 0.85); calibrates on the text.", rich_help_panel="Simulated quantization")] = None,
+    calibration_windows: Annotated[int, typer.Option(help="Windows after the evaluated ones used to calibrate SmoothQuant.", rich_help_panel="Simulated quantization")] = 8,
+) -> None:
+    """Perplexity of MODEL on a text, streamed layer by layer (GPTQ-style non-overlapping windows)."""
+
+    def run() -> int:
+        from swtool.checkpoint import open_checkpoint
+        from swtool.edit import EditPlan, find_super_weights
+        from swtool.evaluate import Options, evaluate
+        from swtool.report import progress_bar, render_eval
+
+        compute = torch_dtype(dtype)
+        check_device(device)
+        if batch < 1:
+            raise SwtoolError("--batch must be at least 1")
+        checkpoint = open_checkpoint(model)
+        edit = EditPlan(zero_super=zero_super, scale_super=scale_super, zero_outliers=zero_outliers)
+        if edit.active or restore_super_act or super_file is not None:
+            supers = find_super_weights(checkpoint, super_file, sys.stdin, required=edit.factor is not None or restore_super_act, dtype=compute, device=device)
+            edit = EditPlan(tuple(supers), zero_super, scale_super, zero_outliers)
+        options = Options(
+            edit=edit,
+            restore_super_act=restore_super_act,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            a_granularity=a_granularity,
+            keep_super_act=keep_super_act,
+            smoothquant=smoothquant,
+            calibration_windows=calibration_windows,
+        )
+        with progress_bar(f"eval {model.name}", enabled=not (quiet or as_json)) as progress:
+            result = evaluate(checkpoint, text, options, ctx=ctx, max_windows=max_windows, batch=batch, dtype=compute, device=device, progress=progress)
+        if as_json:
+            print(json.dumps(result.to_json()), flush=True)
+        elif not quiet:
+            render_eval(result)
+        return 0
+
+    guarded(run)
+
+
 @app.command(rich_help_panel="Quantize")
 def dequantize(
     quantized: Annotated[Path, typer.Argument(help="A directory written by swtool quantize.")],
@@ -267,6 +343,41 @@ def dequantize(
         record = provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size}, model_inputs(checkpoint))
         with atomic_output(output, directory=True, inputs=[quantized], force=force) as temp:
             dequantize_to(checkpoint, temp, target_dtype, max_bytes, record)
+        return 0
+
+    guarded(run)
+
+
+@app.command()
+def edit(
+    model: Annotated[Path, typer.Argument(help="HF model directory (GGUF once swtool writes GGUF).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the edited checkpoint (same format as MODEL).")],
+    zero_super: Annotated[bool, typer.Option("--zero-super", help="Set the super weights to zero.")] = False,
+    scale_super: Annotated[Optional[float], typer.Option(help="Multiply the super weights by F.")] = None,
+    zero_outliers: Annotated[int, typer.Option(help="Zero the N largest-magnitude weights of each linear tensor, super weights excepted.")] = 0,
+    super_file: Annotated[Optional[str], typer.Option("--super", help="swtool scan --json output naming the super weights (- for stdin); default: scan.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB or 500MB.")] = "5GB",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Write a copy of MODEL with its super weights zeroed or scaled, or its other outliers pruned, streamed."""
+
+    def run() -> int:
+        from swtool.checkpoint import open_checkpoint
+        from swtool.checkpoint.safetensors_out import parse_size
+        from swtool.edit import EditPlan, edit_checkpoint, find_super_weights
+        from swtool.report import render_edit
+
+        shard_bytes = parse_size(max_shard_size)
+        checkpoint = open_checkpoint(model)
+        plan = EditPlan(zero_super=zero_super, scale_super=scale_super, zero_outliers=zero_outliers)
+        if not plan.active:
+            raise SwtoolError("nothing to do: give --zero-super, --scale-super or --zero-outliers")
+        supers = find_super_weights(checkpoint, super_file, sys.stdin, required=plan.factor is not None)
+        plan = EditPlan(tuple(supers), zero_super, scale_super, zero_outliers)
+        edit_checkpoint(checkpoint, output, plan, force=force, max_shard_bytes=shard_bytes)
+        if not quiet:
+            render_edit(checkpoint, output, plan)
         return 0
 
     guarded(run)

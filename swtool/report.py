@@ -110,3 +110,24 @@ def render_quantize(report, output) -> None:
         stderr.print("  no super weight held out")
     if report.thresholds:
         stderr.print(f"  --clip auto clipped {len(report.thresholds)} tensors")
+
+
+def render_eval(result) -> None:
+    """One line for `swtool eval`: what was measured, on how much text, and the perplexity."""
+    changed = {k: v for k, v in result.settings.items() if v not in (False, None, 0, []) and k not in ("super_weights", "calibration_windows")}
+    label = ", ".join(f"{k}={v}" for k, v in changed.items()) or "as stored"
+    stderr.print(
+        f"[bold]{result.model}[/] ({label}) on {result.text}: {result.windows} windows of {result.ctx} tokens "
+        f"(of {result.tokens} tokens): nll {result.nll:.4f}, perplexity [bold]{result.ppl:.3f}[/]"
+    )
+
+
+def render_edit(checkpoint, output, plan) -> None:
+    """What `swtool edit` changed and where it wrote it."""
+    supers = ", ".join(f"{checkpoint.stored_name(s.tensor)}[{s.row}, {s.col}]" for s in plan.supers)
+    actions = []
+    if plan.factor is not None:
+        actions.append(f"super weights {'zeroed' if plan.zero_super else f'scaled by {plan.factor:g}'} ({supers})")
+    if plan.zero_outliers:
+        actions.append(f"{plan.zero_outliers} largest weights of each linear tensor zeroed (super weights kept)")
+    stderr.print(f"wrote {output}: {'; '.join(actions)}")

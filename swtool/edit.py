@@ -1,0 +1,158 @@
+"""Edits of single weights, the paper's ablations: zero or scale the super weights, prune other outliers.
+
+`edit_tensor` is the one definition of what an edit does to a tensor; `swtool
+edit` streams it over a checkpoint into a new one, and `swtool eval` applies it
+to each layer in memory, so an ablation can be measured without writing it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from swtool.arch import Family, family_of
+from swtool.checkpoint.base import Checkpoint
+from swtool.config import ModelConfig
+from swtool.errors import SwtoolError
+from swtool.quant.supers import Held
+
+
+def linear_roles(family: Family, config: ModelConfig) -> list[str]:
+    """The roles of a layer that are projection matrices (2-D), as opposed to norms and biases."""
+    shapes = family.layer_shapes(config)
+    return [role for role in family.layer_tensors(config, 0) if len(shapes.get(role, ())) == 2]
+
+
+def linear_layers(checkpoint: Checkpoint) -> dict[str, int]:
+    """Canonical name -> layer of every projection matrix in every decoder layer."""
+    config = checkpoint.config
+    family = family_of(config)
+    roles = linear_roles(family, config)
+    return {name: i for i in range(config.num_layers) for role, name in family.layer_tensors(config, i).items() if role in roles}
+
+
+def find_super_weights(checkpoint: Checkpoint, super_file: str | None, stdin: TextIO, *, required: bool, **scan_options) -> list[Held]:
+    """The super weights named by `--super FILE|-`, or found by a scan; none found is an error when `required`."""
+    from swtool.quant.supers import from_scan, read_argument
+
+    if super_file is not None:
+        held = read_argument(super_file, checkpoint, stdin)[0]
+    else:
+        from swtool.detect import scan
+
+        held = from_scan(scan(checkpoint, **scan_options), checkpoint)
+    if required and not held:
+        source = f"--super {super_file} lists" if super_file is not None else "the scan found"
+        raise SwtoolError(f"{source} no super weight in {checkpoint.path}; nothing to act on")
+    return held
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    supers: tuple[Held, ...] = ()
+    zero_super: bool = False
+    scale_super: float | None = None
+    zero_outliers: int = 0
+    """Prune this many largest-magnitude weights of each linear tensor, super weights excepted."""
+
+    def __post_init__(self) -> None:
+        if self.zero_super and self.scale_super is not None:
+            raise SwtoolError("--zero-super and --scale-super exclude each other (zeroing is --scale-super 0)")
+        if self.zero_outliers < 0:
+            raise SwtoolError("--zero-outliers must be a non-negative count")
+
+    @property
+    def factor(self) -> float | None:
+        """What the super weights are multiplied by, or None when they are left alone."""
+        return 0.0 if self.zero_super else self.scale_super
+
+    @property
+    def active(self) -> bool:
+        return self.factor is not None or self.zero_outliers > 0
+
+    def touches(self, name: str, linear: Collection[str]) -> bool:
+        return (self.factor is not None and any(s.tensor == name for s in self.supers)) or (self.zero_outliers > 0 and name in linear)
+
+    def describe(self) -> dict:
+        return {
+            "zero_super": self.zero_super,
+            "scale_super": self.scale_super,
+            "zero_outliers": self.zero_outliers,
+            "super_weights": [[s.tensor, s.row, s.col] for s in self.supers],
+        }
+
+
+def edit_tensor(plan: EditPlan, name: str, weight: torch.Tensor, is_linear: bool) -> torch.Tensor:
+    """The tensor with the plan applied (a new tensor; the input is left untouched)."""
+    out = weight.clone()
+    mine = [(s.row, s.col) for s in plan.supers if s.tensor == name]
+    if plan.zero_outliers and is_linear:
+        magnitude = out.abs().flatten()
+        for row, col in mine:  # the super weights are never counted as outliers
+            magnitude[row * out.shape[1] + col] = -1
+        count = min(plan.zero_outliers, magnitude.numel() - len(mine))
+        out.view(-1)[torch.topk(magnitude, count, sorted=False).indices] = 0
+    if plan.factor is not None:
+        for row, col in mine:
+            out[row, col] = weight[row, col] * plan.factor
+    return out
+
+
+def provenance(checkpoint: Checkpoint, plan: EditPlan) -> dict[str, str]:
+    """String metadata recorded in the output: what made it, how, and from exactly which input."""
+    from swtool import __version__
+    from swtool.quantize import input_hashes
+
+    return {
+        "swtool_version": __version__,
+        "swtool_edit": json.dumps(plan.describe(), sort_keys=True),
+        "swtool_source_sha256": json.dumps(input_hashes(checkpoint), sort_keys=True),
+    }
+
+
+WEIGHT_FILES = ("model.safetensors.index.json",)
+
+
+def _copy_side_files(source: Path, target: Path) -> None:
+    """config.json, tokenizer files, generation config...: every regular file that is not a weight."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in WEIGHT_FILES and not path.name.startswith("."):
+            shutil.copy2(path, target / path.name)
+
+
+def edit_safetensors(checkpoint: Checkpoint, directory: Path, plan: EditPlan, max_shard_bytes: int) -> None:
+    """Stream an HF checkpoint into `directory` (existing, empty), one tensor at a time, edits applied."""
+    from swtool.checkpoint.safetensors_in import DTYPES
+    from swtool.checkpoint.safetensors_out import PlannedTensor, ShardedWriter
+
+    names = checkpoint.names()
+    plan_out = [PlannedTensor(n, checkpoint.stored_dtype(n), checkpoint.shape(n)) for n in names]
+    writer = ShardedWriter(directory, plan_out, {"format": "pt", **provenance(checkpoint, plan)}, max_shard_bytes)
+    linear = linear_layers(checkpoint)
+    for name in names:
+        dtype = DTYPES[checkpoint.stored_dtype(name)][1]
+        if plan.touches(name, linear):
+            tensor = edit_tensor(plan, name, checkpoint.load(name, torch.float32), name in linear).to(dtype)
+        else:
+            tensor = checkpoint.load(name, dtype)
+        writer.write(name, tensor)
+    writer.close()
+    _copy_side_files(checkpoint.path, directory)
+
+
+def edit_checkpoint(checkpoint: Checkpoint, out: Path, plan: EditPlan, *, force: bool = False, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write the edited checkpoint at `out`, in the input's format, atomically."""
+    from swtool.checkpoint.atomic import atomic_output
+
+    if not plan.active:
+        raise SwtoolError("nothing to do: give --zero-super, --scale-super or --zero-outliers")
+    if checkpoint.format == "gguf":
+        raise SwtoolError("GGUF output is not available in this build (it needs swtool's GGUF writer); edit an HF directory, or convert the GGUF with swtool's HF export first")
+    with atomic_output(out, directory=True, inputs=[checkpoint.path], force=force) as temp:
+        edit_safetensors(checkpoint, temp, plan, max_shard_bytes)
