@@ -7,7 +7,6 @@ to each layer in memory, so an ablation can be measured without writing it.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -106,14 +105,10 @@ def edit_tensor(plan: EditPlan, name: str, weight: torch.Tensor, is_linear: bool
 
 def provenance(checkpoint: Checkpoint, plan: EditPlan) -> dict[str, str]:
     """String metadata recorded in the output: what made it, how, and from exactly which input."""
-    from swtool import __version__
-    from swtool.quantize import input_hashes
+    from swtool.provenance import provenance as record
+    from swtool.quantize import model_inputs
 
-    return {
-        "swtool_version": __version__,
-        "swtool_edit": json.dumps(plan.describe(), sort_keys=True),
-        "swtool_source_sha256": json.dumps(input_hashes(checkpoint), sort_keys=True),
-    }
+    return record("edit", plan.describe(), model_inputs(checkpoint))
 
 
 WEIGHT_FILES = ("model.safetensors.index.json",)

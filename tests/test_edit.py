@@ -67,10 +67,11 @@ def test_output_loads_in_transformers_with_provenance(source, tmp_path):
         meta = fh.metadata()
     from swtool import __version__
 
-    assert meta["swtool_version"] == __version__
+    assert meta["swtool.version"] == __version__
+    assert meta["swtool.command"] == "edit"
     digest = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
-    assert json.loads(meta["swtool_source_sha256"])["model.safetensors"] == digest
-    assert json.loads(meta["swtool_edit"])["scale_super"] == 2.0
+    assert json.loads(meta["swtool.inputs"])["model.safetensors"] == digest
+    assert json.loads(meta["swtool.options"])["scale_super"] == 2.0
     again = tmp_path / "again"
     run("edit", directory, "-o", again, "--scale-super", "2", "--super", scan_json)
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()  # deterministic
