@@ -65,6 +65,7 @@ def dequantize_args(quantized: Path, out: Path) -> list[object]:
 WRITERS = {
     "quantize": lambda model, super_json, quantized, out: (quantize_args(model, super_json, out), [model, super_json]),
     "dequantize": lambda model, super_json, quantized, out: (dequantize_args(quantized, out), [quantized]),
+    "edit": lambda model, super_json, quantized, out: (["edit", model, "-o", out, "--scale-super", "2", "--super", super_json, "-q"], [model, super_json]),
 }
 """command -> (its arguments writing to out, the inputs it reads)."""
 
@@ -116,7 +117,9 @@ def start_slow(args: list[object]) -> subprocess.Popen:
     return process
 
 
-@pytest.mark.parametrize("command, sig, race", [("quantize", signal.SIGTERM, True), ("dequantize", signal.SIGINT, False)])
+@pytest.mark.parametrize(
+    "command, sig, race", [("quantize", signal.SIGTERM, True), ("dequantize", signal.SIGINT, False), ("edit", signal.SIGTERM, False)]
+)
 def test_signal_mid_write_leaves_no_output(command, sig, race, model, super_json, quantized, tmp_path):
     """And (once, to keep the suite fast) a second run on the same output meanwhile refuses."""
     out = tmp_path / "OUT"
