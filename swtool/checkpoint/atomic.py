@@ -59,6 +59,7 @@ def atomic_output(target: Path, *, directory: bool, inputs: list[Path] = (), for
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".swtool-tmp", dir=parent)
         os.close(handle)
         temp = Path(name)
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
     try:
         yield temp
         if target.exists():
@@ -71,6 +72,12 @@ def atomic_output(target: Path, *, directory: bool, inputs: list[Path] = (), for
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         lock.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: Path) -> None:
