@@ -55,6 +55,7 @@ def atomic_output(target: Path, *, directory: bool, inputs: list[Path] = (), for
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     if directory:
         temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".swtool-tmp", dir=parent))
+        os.chmod(temp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary directory
     else:
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".swtool-tmp", dir=parent)
         os.close(handle)
