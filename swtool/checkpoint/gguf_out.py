@@ -115,12 +115,13 @@ def gguf_arch(checkpoint: Checkpoint) -> str:
 def gguf_names(checkpoint: Checkpoint, arch: str) -> dict[str, str]:
     """Canonical name -> GGUF name for every tensor to write, in input order.
 
-    A GGUF input keeps its own names (and its GGUF-only tensors such as
-    rope_freqs); an HF input is mapped with gguf-py's tensor name map, keeping
+    A GGUF input keeps its own names and order (and its GGUF-only tensors such
+    as rope_freqs); an HF input is mapped with gguf-py's tensor name map, keeping
     only the tensors the family describes (a tied head is not written twice).
     """
     if checkpoint.format == "gguf":
-        return {n: checkpoint.stored_name(n) for n in checkpoint.names()}
+        canonical = {checkpoint.stored_name(n): n for n in checkpoint.names()}
+        return {canonical[t.name]: t.name for t in checkpoint.reader.tensors}
     config = checkpoint.config
     family = family_for(config.model_type)
     wanted = set(family.global_tensors(config).values())
