@@ -28,14 +28,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QType = GGMLQuantizationType
 
-CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS = 1 << 18
 """Blocks are processed in chunks of about this many values: small enough that one
 chunk's temporaries stay in a core's cache across the codec's dozen passes, large
 enough that torch's per-operation overhead is noise."""
 
 
-BIT_WEIGHTS = torch.tensor([float(1 << k) for k in range(8)])
-SIXTEEN = torch.tensor(16.0)
+SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -43,14 +42,9 @@ def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
     return values.to(torch.float16).view(torch.uint8)
 
 
-def _small_ints_to_bytes(values: torch.Tensor) -> torch.Tensor:
-    """Floats holding integers in [0, 255] -> uint8 (through int32: torch's direct float->uint8 cast is slow)."""
-    return values.to(torch.int32).to(torch.uint8)
-
-
 def _reciprocal(d: torch.Tensor) -> torch.Tensor:
     """1/d, with 0 where d is 0 (an all-zero block quantizes to the zero point)."""
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return (1.0 / d).masked_fill_(d == 0, 0.0)
 
 
 def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
@@ -83,17 +77,21 @@ def _extremes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
+def _levels(shifted: torch.Tensor, top: int) -> torch.Tensor:
+    """gguf-py's `trunc(v).astype(uint8).clip(0, top)` for v > 0 (every codec adds at least 0.5 first), as int32."""
+    return shifted.to(torch.int32).clamp_(0, top)
+
+
 def _nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(n, 32) float levels in [0, 15] -> (n, 16) bytes: low nibble from the first half of the block, high from the second."""
-    return _small_ints_to_bytes(torch.addcmul(q[:, :16], q[:, 16:], SIXTEEN))
+    """(n, 32) int32 levels -> (n, 16) bytes `(q[:16] & 0x0F) | (q[16:] << 4)`; the uint8 cast drops bit 4 of the second half."""
+    return ((q[:, :16] & 0x0F) | (q[:, 16:] << 4)).to(torch.uint8)
 
 
-def _split_high_bits(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 32) 5-bit float levels -> ((n, 4) bytes holding bit 4 of each, least significant bit first
-    as numpy's packbits(bitorder="little"); the levels' low 4 bits, for `_nibbles`)."""
-    high = (q >= 16).to(torch.float32)
-    low = torch.addcmul(q, high, -SIXTEEN)
-    return _small_ints_to_bytes(high.view(-1, 4, 8) @ BIT_WEIGHTS), low
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) 5-bit int32 levels -> (n, 4) bytes holding bit 4 of each, least significant bit first
+    (numpy's packbits(bitorder="little")): a little-endian uint32."""
+    word = ((q >> 4) << SHIFTS).sum(dim=1, keepdim=True, dtype=torch.int64)
+    return word.to(torch.int32).view(torch.uint8)
 
 
 def _q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -111,16 +109,14 @@ def _symmetric_levels(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, 
     """Q4_0/Q5_0: d = signed absmax / -(levels/2); q = trunc(x/d + levels/2 + 0.5) in [0, levels-1]."""
     half = levels // 2
     d = _signed_absmax(blocks) / -half
-    q = (blocks * _reciprocal(d)).add_(half + 0.5).trunc_().clamp_(0, levels - 1)
-    return d, q
+    return d, _levels((blocks * _reciprocal(d)).add_(half + 0.5), levels - 1)
 
 
 def _affine_levels(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_1/Q5_1: d = (max - min) / (levels-1); q = trunc((x - min)/d + 0.5) in [0, levels-1]."""
     high, low = _extremes(blocks)
     d = (high - low) / (levels - 1)
-    q = (blocks - low).mul_(_reciprocal(d)).add_(0.5).trunc_().clamp_(0, levels - 1)
-    return d, low, q
+    return d, low, _levels((blocks - low).mul_(_reciprocal(d)).add_(0.5), levels - 1)
 
 
 def _q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -138,19 +134,17 @@ def _q4_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
 
 def _q5_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
     d, q = _symmetric_levels(blocks, 32)
-    high, low = _split_high_bits(q)
     out[:, :2] = _fp16_bytes(d)
-    out[:, 2:6] = high
-    out[:, 6:] = _nibbles(low)
+    out[:, 2:6] = _high_bits(q)
+    out[:, 6:] = _nibbles(q)
 
 
 def _q5_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    d, minimum, q = _affine_levels(blocks, 32)
-    high, low = _split_high_bits(q)
+    d, low, q = _affine_levels(blocks, 32)
     out[:, :2] = _fp16_bytes(d)
-    out[:, 2:4] = _fp16_bytes(minimum)
-    out[:, 4:8] = high
-    out[:, 8:] = _nibbles(low)
+    out[:, 2:4] = _fp16_bytes(low)
+    out[:, 4:8] = _high_bits(q)
+    out[:, 8:] = _nibbles(q)
 
 
 def _bf16(values: torch.Tensor, out: torch.Tensor) -> None:
