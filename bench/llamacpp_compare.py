@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
 from fetch import smollm2_gguf, wiki_text  # noqa: E402
 
 from swtool.checkpoint import open_checkpoint  # noqa: E402
-from swtool.checkpoint.gguf_out import SuperWeight, plan_gguf, save_gguf  # noqa: E402
+from swtool.checkpoint.gguf_out import plan_gguf, save_gguf
+from swtool.quant.supers import Held  # noqa: E402
 
 
 def swtool_write(source: Path, out: Path, type_name: str, **options) -> float:
@@ -93,7 +94,7 @@ def main() -> None:
 
     checkpoint = open_checkpoint(f16)
     by_stored = {checkpoint.stored_name(n): n for n in checkpoint.names()}
-    supers = [SuperWeight(by_stored[w.tensor], w.row, w.col) for w in scan(checkpoint).super_weights]
+    supers = [Held(by_stored[w.tensor], w.row, w.col) for w in scan(checkpoint).super_weights]
     print(f"# super weights found by swtool scan of the F16 file: {[(checkpoint.stored_name(s.tensor), s.row, s.col) for s in supers]}", flush=True)
 
     for type_name in ("Q8_0", "Q4_0"):

@@ -11,7 +11,8 @@ import torch
 
 from swtool.checkpoint import open_checkpoint
 from swtool.checkpoint.gguf_in import permute_qk, unpermute_qk
-from swtool.checkpoint.gguf_out import SuperWeight, plan_gguf, save_gguf
+from swtool.checkpoint.gguf_out import plan_gguf, save_gguf
+from swtool.quant.supers import Held
 from swtool.errors import SwtoolError
 
 SUPER = (1, 5, 17)  # layer, row, col of the planted super weight
@@ -102,7 +103,7 @@ def test_f32_file_gives_transformers_the_same_logits(tiny, tmp_path):
 def test_keep_super_raises_the_holding_tensor_and_records_it(tiny, tmp_path):
     checkpoint = open_checkpoint(tiny)
     layer, row, col = SUPER
-    weights = [SuperWeight(f"model.layers.{layer}.mlp.down_proj.weight", row, col)]
+    weights = [Held(f"model.layers.{layer}.mlp.down_proj.weight", row, col)]
     for super_type, expected in (("Q8_0", "Q8_0"), ("F16", "F16")):
         _, reader = write(checkpoint, tmp_path / f"{super_type}.gguf", "Q4_0", super_weights=weights, keep_super=True, super_type=super_type)
         types = {t.name: t.tensor_type.name for t in reader.tensors}
@@ -123,7 +124,7 @@ def test_keep_super_raises_the_holding_tensor_and_records_it(tiny, tmp_path):
 def test_super_weight_in_a_permuted_tensor_is_recorded_where_it_is_stored(tiny, tmp_path):
     checkpoint = open_checkpoint(tiny)
     name, row, col = "model.layers.2.self_attn.q_proj.weight", 3, 9
-    _, reader = write(checkpoint, tmp_path / "q.gguf", "Q4_0", super_weights=[SuperWeight(name, row, col)], keep_super=True, super_type="F16")
+    _, reader = write(checkpoint, tmp_path / "q.gguf", "Q4_0", super_weights=[Held(name, row, col)], keep_super=True, super_type="F16")
     meta = fields(reader)
     stored_row = meta["swtool.super_weights.row"][0]
     assert stored_row != row  # the permutation moves rows of Q
@@ -194,3 +195,57 @@ def test_failure_mid_write_leaves_no_file(tiny, tmp_path, monkeypatch):
     with pytest.raises(SwtoolError, match="NaN or infinite"):
         save_gguf(checkpoint, plan, tmp_path / "out.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2", "gemma3_text"]
+
+
+def tensor_bytes(reader):
+    return {t.name: (t.tensor_type.name, [int(d) for d in t.shape], np.asarray(t.data).tobytes()) for t in reader.tensors}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_to_gguf_reproduces_every_family_exactly(family, tmp_path):
+    """A GGUF converted as llama.cpp does, rewritten at F32: every tensor (Gemma's norm offset,
+    Q/K permutation included) and every model key come back unchanged."""
+    from gguf_tiny import convert
+    from tiny import build
+
+    build(family, tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "in.gguf")
+    source = open_checkpoint(tmp_path / "in.gguf")
+    _, reader = write(source, tmp_path / "out.gguf", "F32")
+    assert tensor_bytes(reader) == tensor_bytes(source.reader)
+    before, after = fields(source.reader), fields(reader)
+    assert {k: v for k, v in before.items() if k != "general.file_type"} == {
+        k: v for k, v in after.items() if k not in ("general.file_type", "general.quantization_version")
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_hf_input_matches_an_independent_converter(family, tmp_path):
+    """From an HF directory, swtool writes the tensors and hyper-parameters llama.cpp's conventions give."""
+    from gguf_tiny import convert
+    from tiny import build
+
+    build(family, tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "ref.gguf")
+    _, reader = write(open_checkpoint(tmp_path / "hf"), tmp_path / "ours.gguf", "F32")
+    reference = gguf.GGUFReader(tmp_path / "ref.gguf")
+    assert tensor_bytes(reader) == tensor_bytes(reference)
+    ours, theirs = fields(reader), fields(reference)
+    arch = theirs["general.architecture"]
+    assert ours["general.architecture"] == arch
+    for key in [k for k in theirs if k.startswith(arch + ".")]:
+        assert ours[key] == pytest.approx(theirs[key]), key
+
+
+def test_routed_experts_and_unsupported_hf_architectures_are_refused(tmp_path):
+    from tiny import build
+
+    build("mixtral", tmp_path / "moe")
+    with pytest.raises(SwtoolError, match="routed experts are not written as GGUF yet"):
+        plan_gguf(open_checkpoint(tmp_path / "moe"), "Q8_0")
+    build("gemma", tmp_path / "gemma")
+    with pytest.raises(SwtoolError, match="convert this model with llama.cpp's convert_hf_to_gguf.py"):
+        plan_gguf(open_checkpoint(tmp_path / "gemma"), "Q8_0")

@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 
 from swtool.checkpoint import open_checkpoint
-from swtool.checkpoint.gguf_out import SuperWeight, plan_gguf, save_gguf
+from swtool.checkpoint.gguf_out import plan_gguf, save_gguf
+from swtool.quant.supers import Held
 
 BIN = os.environ.get("SWTOOL_LLAMA_CPP")
 pytestmark = [
     pytest.mark.llamacpp,
     pytest.mark.skipif(not BIN, reason="SWTOOL_LLAMA_CPP is not set (the llama.cpp build/bin folder with llama-perplexity)"),
 ]
-SUPER = SuperWeight("model.layers.11.mlp.down_proj.weight", 507, 1229)
+SUPER = Held("model.layers.11.mlp.down_proj.weight", 507, 1229)
 CHUNKS = 6
 
 

@@ -42,6 +42,7 @@ from swtool.checkpoint.gguf_in import ARCH_BY_NAME, permute_qk, qk_heads
 from swtool.checkpoint.gguf_meta import Metadata, model_metadata
 from swtool.errors import SwtoolError
 from swtool.quant.ggml import TYPES, QType, can_encode, encode, encoded_nbytes
+from swtool.quant.supers import Held
 
 SUPER_TYPES = ("Q8_0", "F16")
 PRECISION = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.BF16, QType.F16, QType.F32)
@@ -73,18 +74,12 @@ class GGUFTensor:
     qtype: QType
     permute_heads: int | None = None
     """Re-apply llama.cpp's Q/K row permutation with this many heads."""
+    offset: float = 0.0
+    """Added to the values, as llama.cpp's converter folds Gemma's `1 +` into norm weights."""
 
     @property
     def nbytes(self) -> int:
         return encoded_nbytes(self.shape, self.qtype)
-
-
-@dataclass(frozen=True)
-class SuperWeight:
-    tensor: str
-    """Canonical name."""
-    row: int
-    col: int
 
 
 @dataclass
@@ -103,12 +98,25 @@ def parse_type(name: str, option: str = "--type", allowed: Sequence[str] = tuple
     return TYPES[name.upper()]
 
 
+HF_ARCHS = ("llama", "qwen2", "qwen3")
+"""Architectures whose llama.cpp hyper-parameters swtool builds from an HF config.json
+(the llama-style keys); a GGUF input of any other architecture has its own copied."""
+
+
 def gguf_arch(checkpoint: Checkpoint) -> str:
-    """llama.cpp's architecture name for the checkpoint's family; a clear error where llama.cpp has none."""
-    family = family_for(checkpoint.config.model_type)
+    """llama.cpp's architecture name for the checkpoint's family; a clear error where swtool cannot write it."""
+    config = checkpoint.config
+    family = family_for(config.model_type)
     arch = family.gguf_arch
     if arch is None or arch not in ARCH_BY_NAME:
-        raise SwtoolError(f"model_type {checkpoint.config.model_type!r}: llama.cpp has no architecture for it, so it cannot be written as GGUF")
+        raise SwtoolError(f"model_type {config.model_type!r}: llama.cpp has no architecture for it, so it cannot be written as GGUF")
+    if config.num_experts:
+        raise SwtoolError(f"model_type {config.model_type!r}: routed experts are not written as GGUF yet (llama.cpp merges them into 3-D tensors)")
+    if checkpoint.format != "gguf" and arch not in HF_ARCHS:
+        raise SwtoolError(
+            f"model_type {config.model_type!r}: GGUF output from an HF directory supports the {', '.join(HF_ARCHS)} architectures; "
+            "convert this model with llama.cpp's convert_hf_to_gguf.py, then swtool can quantize that GGUF"
+        )
     return arch
 
 
@@ -157,7 +165,7 @@ def plan_gguf(
     checkpoint: Checkpoint,
     type_name: str,
     *,
-    super_weights: Sequence[SuperWeight] = (),
+    super_weights: Sequence[Held] = (),
     keep_super: bool = False,
     super_type: str = "Q8_0",
     provenance: dict[str, object] | None = None,
@@ -179,7 +187,8 @@ def plan_gguf(
                 f"{gguf.GGML_QUANT_SIZES[qtype][0]}; written as F16 (as llama-quantize does)"
             )
             qtype = QType.F16
-        tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source)))
+        offset = family.gguf_norm_offset if source.endswith("norm.weight") else 0.0
+        tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source), offset))
     metadata["general.file_type"] = GGUFValue(int(FILE_TYPES[base]), GGUFValueType.UINT32)
     metadata["general.quantization_version"] = GGUFValue(gguf.GGML_QUANT_VERSION, GGUFValueType.UINT32)
     if keep_super and super_weights:
@@ -197,7 +206,7 @@ def stored_row(tensor: GGUFTensor, row: int) -> int:
     return int((order == row).nonzero()[0, 0])
 
 
-def super_weight_metadata(checkpoint: Checkpoint, tensors: list[GGUFTensor], weights: Sequence[SuperWeight], super_type: str) -> Metadata:
+def super_weight_metadata(checkpoint: Checkpoint, tensors: list[GGUFTensor], weights: Sequence[Held], super_type: str) -> Metadata:
     """swtool.super_weights.*: parallel arrays of GGUF tensor name, row, col (as stored) and fp16 value."""
     by_source = {t.source: t for t in tensors}
     names, rows, cols, values = [], [], [], []
@@ -224,6 +233,8 @@ def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
     weight = checkpoint.load(tensor.source, torch.float32)
     if tensor.permute_heads is not None:
         weight = permute_qk(weight, tensor.permute_heads)
+    if tensor.offset:
+        weight = weight + tensor.offset
     if not bool(torch.isfinite(weight).all()):
         raise SwtoolError(f"{checkpoint.path}: tensor {checkpoint.stored_name(tensor.source)} holds NaN or infinite values")
     return encode(weight, tensor.qtype)
