@@ -249,3 +249,17 @@ def test_routed_experts_and_unsupported_hf_architectures_are_refused(tmp_path):
     build("gemma", tmp_path / "gemma")
     with pytest.raises(SwtoolError, match="convert this model with llama.cpp's convert_hf_to_gguf.py"):
         plan_gguf(open_checkpoint(tmp_path / "gemma"), "Q8_0")
+
+
+@pytest.mark.slow
+def test_tokenizer_rebuilt_from_smollm2_tokenizer_json_equals_the_original(smollm2_gguf, smollm2_hf):
+    """GGUF -> HF directory (swtool's export) -> GGUF keys: tokens, types, merges, pre-tokenizer,
+    special ids, add-bos and chat template all come back (add_space_prefix is SentencePiece-only)."""
+    from swtool.checkpoint.gguf_meta import model_metadata
+
+    original = fields(gguf.GGUFReader(smollm2_gguf))
+    rebuilt, notes = model_metadata(open_checkpoint(smollm2_hf), "llama")
+    assert notes == []
+    for key in [k for k in original if k.startswith("tokenizer.") and k != "tokenizer.ggml.add_space_prefix"]:
+        assert rebuilt[key].value == original[key], key
+    assert rebuilt["tokenizer.ggml.pre"].value == "smollm" and len(rebuilt["tokenizer.ggml.merges"].value) == 48900
