@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from swtool.quant.ggml import TYPES, can_encode, encode, encoded_nbytes
+from swtool.quant.ggml import TYPES, NonFiniteError, can_encode, encode, encoded_nbytes
 
 ALL = sorted(TYPES)
 
@@ -89,6 +89,17 @@ def test_torch_and_low_precision_inputs():
     three_d = np.random.default_rng(2).standard_normal((2, 3, 64)).astype(np.float32)
     assert encode(three_d, TYPES["Q8_0"]).shape == (2, 3, 68)
     assert_identical(three_d, "Q5_0")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_non_finite_values_are_refused(name):
+    data = np.ones((4, 64), np.float32)
+    data[2, 40] = np.nan
+    with pytest.raises(NonFiniteError):
+        encode(data, TYPES[name])
+    data[2, 40] = -np.inf
+    with pytest.raises(NonFiniteError):
+        encode(data, TYPES[name])
 
 
 def test_rows_that_do_not_fill_blocks_are_refused():

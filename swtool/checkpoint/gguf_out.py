@@ -41,7 +41,7 @@ from swtool.checkpoint.base import Checkpoint
 from swtool.checkpoint.gguf_in import ARCH_BY_NAME, permute_qk, qk_heads
 from swtool.checkpoint.gguf_meta import Metadata, model_metadata
 from swtool.errors import SwtoolError
-from swtool.quant.ggml import TYPES, QType, can_encode, encode, encoded_nbytes
+from swtool.quant.ggml import TYPES, NonFiniteError, QType, can_encode, encode, encoded_nbytes, one_kernel_thread
 from swtool.quant.supers import Held
 
 SUPER_TYPES = ("Q8_0", "F16")
@@ -235,9 +235,10 @@ def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
         weight = permute_qk(weight, tensor.permute_heads)
     if tensor.offset:
         weight = weight + tensor.offset
-    if not bool(torch.isfinite(weight).all()):
-        raise SwtoolError(f"{checkpoint.path}: tensor {checkpoint.stored_name(tensor.source)} holds NaN or infinite values")
-    return encode(weight, tensor.qtype)
+    try:
+        return encode(weight, tensor.qtype)
+    except NonFiniteError as exc:
+        raise SwtoolError(f"{checkpoint.path}: tensor {checkpoint.stored_name(tensor.source)} {exc}") from None
 
 
 def write_gguf(checkpoint: Checkpoint, plan: GGUFPlan, path: Path, progress: Progress | None = None) -> None:
@@ -251,10 +252,11 @@ def write_gguf(checkpoint: Checkpoint, plan: GGUFPlan, path: Path, progress: Pro
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for index, tensor in enumerate(plan.tensors):
-            writer.write_tensor_data(encoded_tensor(checkpoint, tensor))
-            if progress:
-                progress(index + 1, len(plan.tensors))
+        with one_kernel_thread():  # encode() parallelises over its own threads
+            for index, tensor in enumerate(plan.tensors):
+                writer.write_tensor_data(encoded_tensor(checkpoint, tensor))
+                if progress:
+                    progress(index + 1, len(plan.tensors))
     finally:
         writer.close()
 

@@ -177,6 +177,10 @@ TYPES: dict[str, QType] = {t.name: t for t in (QType.F32, QType.F16, QType.BF16,
 """Every tensor type swtool writes, by the name llama.cpp uses for it."""
 
 
+class NonFiniteError(ValueError):
+    """The input holds NaN or infinity, which no GGML type stores meaningfully."""
+
+
 def block_size(qtype: QType) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 
@@ -196,7 +200,8 @@ def encoded_nbytes(shape: tuple[int, ...], qtype: QType) -> int:
 def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = None) -> np.ndarray:
     """`data` (any float dtype, last axis = rows) as a contiguous uint8 array of GGML `qtype` bytes.
 
-    The bytes equal `gguf.quants.quantize(data.astype(float32), qtype).tobytes()`;
+    Non-finite values raise NonFiniteError (gguf-py would write garbage blocks).
+    Otherwise the bytes equal `gguf.quants.quantize(data.astype(float32), qtype).tobytes()`;
     the shape is (*data.shape[:-1], bytes per row). Chunks of blocks are encoded
     on `threads` worker threads (default: torch's intra-op thread count).
     """
@@ -206,6 +211,8 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
         raise ValueError(f"row length {shape[-1] if shape else 0} is not a multiple of the {qtype.name} block size {block_size(qtype)}")
     out = np.empty((*shape[:-1], encoded_nbytes((shape[-1],), qtype)), dtype=np.uint8)
     if qtype == QType.F32:
+        if not bool(torch.isfinite(values).all()):
+            raise NonFiniteError("holds NaN or infinite values")
         out.reshape(-1)[:] = values.contiguous().reshape(-1).view(torch.uint8).numpy()
         return out
     codec = CODECS[qtype]
@@ -215,11 +222,14 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
     step = max(1, CHUNK_ELEMENTS // block)
 
     def run(start: int) -> None:
-        codec(flat_in[start : start + step].contiguous(), flat_out[start : start + step])
+        chunk = flat_in[start : start + step].contiguous()
+        if not bool(torch.isfinite(chunk).all()):
+            raise NonFiniteError("holds NaN or infinite values")
+        codec(chunk, flat_out[start : start + step])
 
     starts = range(0, flat_in.shape[0], step)
     workers = min(threads or torch.get_num_threads(), len(starts))
-    with _one_kernel_thread():
+    with one_kernel_thread():
         if workers <= 1:
             for start in starts:
                 run(start)
@@ -230,8 +240,13 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
 
 
 @contextmanager
-def _one_kernel_thread() -> Iterator[None]:
-    """Run torch kernels single-threaded while our own threads split the work (no oversubscription)."""
+def one_kernel_thread() -> Iterator[None]:
+    """Run torch kernels single-threaded while our own threads split the work.
+
+    torch's intra-op threads wait for each other at the end of every kernel; on a
+    busy machine one descheduled thread stalls them all, so small and medium
+    kernels are much slower split than whole.
+    """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
