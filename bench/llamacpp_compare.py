@@ -7,8 +7,9 @@ On SmolLM2-135M-Instruct (the Q4_1 GGUF from fixtures/fetch.py):
    weights found by swtool's own scan of the F16 file;
 4. llama-perplexity runs every file on the same Wikipedia text.
 
-Prints a markdown table (perplexity, file size, time to write the file) and the
-exact commands. Needs SWTOOL_LLAMA_CPP (the llama.cpp bin folder).
+Prints a markdown table (perplexity, file size, time to write the file: for
+swtool from opening the input to the renamed output, for llama-quantize the
+whole process) and the exact commands. Needs SWTOOL_LLAMA_CPP (the llama.cpp bin folder).
 
     SWTOOL_LLAMA_CPP=/path/to/llama.cpp/build/bin python bench/llamacpp_compare.py --ctx 512 --chunks 20 --threads 2
 """
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--text-chars", type=int, default=200_000, help="Wikipedia characters given to llama-perplexity")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/swtool-llamacpp-bench"))
+    parser.add_argument("--skip-perplexity", action="store_true", help="only write the files and time that")
     args = parser.parse_args()
     bin_dir = Path(os.environ.get("SWTOOL_LLAMA_CPP", ""))
     if not (bin_dir / "llama-perplexity").is_file():
@@ -112,6 +114,9 @@ def main() -> None:
     print("| file | size (MB) | write time (s) | perplexity | ppl eval time (s) |")
     print("|---|---:|---:|---:|---:|")
     for label, path, seconds in rows:
+        if args.skip_perplexity:
+            print(f"| {label} | {path.stat().st_size / 1e6:.1f} | {seconds:.1f} | | |", flush=True)
+            continue
         ppl, err, eval_seconds = perplexity(bin_dir, path, text, args.ctx, args.chunks, args.threads)
         print(f"| {label} | {path.stat().st_size / 1e6:.1f} | {seconds:.1f} | {ppl:.4f} ± {err:.4f} | {eval_seconds:.0f} |", flush=True)
 
