@@ -1,7 +1,9 @@
 """Throughput of swtool's GGML block codecs against gguf-py's reference `gguf.quants.quantize`.
 
 Both encode the same random fp32 matrix; the bytes are checked equal and the
-best of --repeat runs is reported (million values per second) with the ratio.
+best of --repeat runs is reported, in million values per second of wall time
+(swtool uses --threads worker threads, gguf-py one) and per CPU-second (all
+threads counted: per-core efficiency, robust to a busy machine).
 
     python bench/ggml_codecs.py --rows 4096 --cols 4096 --repeat 3 [--threads N] [--types Q8_0,Q4_0]
 """
@@ -12,6 +14,7 @@ import argparse
 import os
 import platform
 import time
+from importlib.metadata import version
 
 import gguf
 import numpy as np
@@ -20,13 +23,16 @@ import torch
 from swtool.quant.ggml import TYPES, encode
 
 
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    best, result = float("inf"), None
+def best_time(fn, repeat: int) -> tuple[float, float, object]:
+    """Best wall time and best CPU time (all threads of the process) over `repeat` runs, and the result."""
+    wall = cpu = float("inf")
+    result = None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        wall = min(wall, time.perf_counter() - start)
+        cpu = min(cpu, time.process_time() - start_cpu)
+    return wall, cpu, result
 
 
 def main() -> None:
@@ -40,15 +46,21 @@ def main() -> None:
 
     data = np.random.default_rng(0).standard_normal((args.rows, args.cols), dtype=np.float32)
     threads = args.threads or torch.get_num_threads()
-    print(f"# {args.rows}x{args.cols} fp32, best of {args.repeat}; {platform.machine()}, {os.cpu_count()} CPUs, swtool threads={threads}, torch {torch.__version__}, gguf-py {gguf.__version__ if hasattr(gguf, '__version__') else ''}")
-    print(f"{'type':6} {'gguf-py Mval/s':>15} {'swtool Mval/s':>14} {'speed-up':>9} {'bytes equal':>12}")
+    print(f"# {args.rows}x{args.cols} fp32, best of {args.repeat}; {platform.machine()}, {os.cpu_count()} CPUs, swtool threads={threads}, torch {torch.__version__}, gguf-py {version('gguf')}")
+    print(f"# load average before: {os.getloadavg()[0]:.1f}")
+    print("| type | gguf-py Mval/s | swtool Mval/s | speed-up (wall) | gguf-py Mval/CPU-s | swtool Mval/CPU-s | per-CPU-s ratio | bytes equal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name in args.types.split(","):
         qtype = TYPES[name]
-        ref_time, ref = best_time(lambda: gguf.quants.quantize(data, qtype), args.repeat)
-        our_time, ours = best_time(lambda: encode(data, qtype, threads=threads), args.repeat)
+        ref_wall, ref_cpu, ref = best_time(lambda: gguf.quants.quantize(data, qtype), args.repeat)
+        our_wall, our_cpu, ours = best_time(lambda: encode(data, qtype, threads=threads), args.repeat)
         equal = np.asarray(ref).tobytes() == ours.tobytes()
-        rate = data.size / 1e6
-        print(f"{name:6} {rate / ref_time:15.1f} {rate / our_time:14.1f} {ref_time / our_time:8.1f}x {str(equal):>12}", flush=True)
+        m = data.size / 1e6
+        print(
+            f"| {name} | {m / ref_wall:.1f} | {m / our_wall:.1f} | {ref_wall / our_wall:.1f}x | {m / ref_cpu:.1f} | {m / our_cpu:.1f} | {ref_cpu / our_cpu:.1f}x | {equal} |",
+            flush=True,
+        )
+    print(f"# load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
