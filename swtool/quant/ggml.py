@@ -94,7 +94,7 @@ def _high_bits(q: torch.Tensor) -> torch.Tensor:
     return word.to(torch.int32).view(torch.uint8)
 
 
-def _q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+def _q8_0(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     d = blocks.abs().amax(dim=1, keepdim=True) / 127
     scaled = blocks * _reciprocal(d)
     # round half away from zero exactly as gguf-py's np_roundf: floor(a) + floor(2 * frac(a)), sign of the input
@@ -103,6 +103,7 @@ def _q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
     q = magnitude.sub_(whole).mul_(2).floor_().add_(whole).copysign_(scaled)
     out[:, :2] = _fp16_bytes(d)
     out[:, 2:] = q.to(torch.int8).view(torch.uint8)
+    return d
 
 
 def _symmetric_levels(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,35 +120,39 @@ def _affine_levels(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, tor
     return d, low, _levels((blocks - low).mul_(_reciprocal(d)).add_(0.5), levels - 1)
 
 
-def _q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+def _q4_0(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     d, q = _symmetric_levels(blocks, 16)
     out[:, :2] = _fp16_bytes(d)
     out[:, 2:] = _nibbles(q)
+    return d
 
 
-def _q4_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
+def _q4_1(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     d, low, q = _affine_levels(blocks, 16)
     out[:, :2] = _fp16_bytes(d)
     out[:, 2:4] = _fp16_bytes(low)
     out[:, 4:] = _nibbles(q)
+    return d
 
 
-def _q5_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+def _q5_0(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     d, q = _symmetric_levels(blocks, 32)
     out[:, :2] = _fp16_bytes(d)
     out[:, 2:6] = _high_bits(q)
     out[:, 6:] = _nibbles(q)
+    return d
 
 
-def _q5_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
+def _q5_1(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     d, low, q = _affine_levels(blocks, 32)
     out[:, :2] = _fp16_bytes(d)
     out[:, 2:4] = _fp16_bytes(low)
     out[:, 4:8] = _high_bits(q)
     out[:, 8:] = _nibbles(q)
+    return d
 
 
-def _bf16(values: torch.Tensor, out: torch.Tensor) -> None:
+def _bf16(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """float32 -> bf16 as ggml_compute_fp32_to_bf16: NaN forced quiet (sign and top bits kept), else round to nearest even.
 
     Done on the signed int32 view: after the NaN rewrite no addition can overflow,
@@ -156,13 +161,15 @@ def _bf16(values: torch.Tensor, out: torch.Tensor) -> None:
     n = values.view(torch.int32)
     n = torch.where((n & 0x7FFFFFFF) > 0x7F800000, (n & -65536) | (64 << 16), n)
     out.copy_(((n + (0x7FFF + ((n >> 16) & 1))) >> 16).to(torch.int16).view(torch.uint8))
+    return values
 
 
-def _f16(values: torch.Tensor, out: torch.Tensor) -> None:
+def _f16(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     out.copy_(values.to(torch.float16).view(torch.uint8))
+    return values
 
 
-CODECS: dict[QType, Callable[[torch.Tensor, torch.Tensor], None]] = {
+CODECS: dict[QType, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     QType.Q8_0: _q8_0,
     QType.Q4_0: _q4_0,
     QType.Q4_1: _q4_1,
@@ -171,7 +178,9 @@ CODECS: dict[QType, Callable[[torch.Tensor, torch.Tensor], None]] = {
     QType.BF16: _bf16,
     QType.F16: _f16,
 }
-"""Each codec reads (n, block) float32 values and writes their (n, type size) bytes into `out`."""
+"""Each codec reads (n, block) float32 values, writes their (n, type size) bytes into `out` and
+returns a tensor that is finite exactly when the values are: the block scales (a NaN or an
+infinity reaches the max/min reductions), or the values themselves for the float types."""
 
 TYPES: dict[str, QType] = {t.name: t for t in (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1)}
 """Every tensor type swtool writes, by the name llama.cpp uses for it."""
@@ -222,10 +231,9 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
     step = max(1, CHUNK_ELEMENTS // block)
 
     def run(start: int) -> None:
-        chunk = flat_in[start : start + step].contiguous()
-        if not bool(torch.isfinite(chunk).all()):
+        witness = codec(flat_in[start : start + step].contiguous(), flat_out[start : start + step])
+        if not bool(torch.isfinite(witness).all()):
             raise NonFiniteError("holds NaN or infinite values")
-        codec(chunk, flat_out[start : start + step])
 
     starts = range(0, flat_in.shape[0], step)
     workers = min(threads or torch.get_num_threads(), len(starts))
