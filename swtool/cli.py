@@ -176,7 +176,7 @@ def quantize(
     clip: Annotated[str, typer.Option(help="Outlier clipping: none, z:K (per block, mean|w| + K std|w|), pct:P (per block, the 1-P quantile of |w|) or auto (per tensor, least own error).", rich_help_panel="Quantization")] = "none",
     include_embeddings: Annotated[bool, typer.Option("--include-embeddings", help="Quantize the token embeddings too.", rich_help_panel="Quantization")] = False,
     include_head: Annotated[bool, typer.Option("--include-head", help="Quantize the LM head too.", rich_help_panel="Quantization")] = False,
-    keep_super: Annotated[bool, typer.Option("--keep-super/--no-keep-super", help="Hold super weights out of quantization and keep them exactly (fp16).", rich_help_panel="Super weights")] = True,
+    keep_super: Annotated[bool, typer.Option("--keep-super/--no-keep-super", help="Hold super weights out of quantization and keep them exactly (fp16); with --format gguf they stay in their tensors, written at --super-type.", rich_help_panel="Super weights")] = True,
     super_file: Annotated[Optional[str], typer.Option("--super", help="`swtool scan --json` output naming the super weights (FILE, or - for stdin); without it quantize runs the scan.", rich_help_panel="Super weights")] = None,
     out_format: Annotated[str, typer.Option("--format", help="Output format: safetensors or gguf.", rich_help_panel="Output")] = "safetensors",
     gguf_type: Annotated[Optional[str], typer.Option("--type", help="--format gguf: GGML type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 (default: Q8_0 for --bits 8, Q4_0 for --bits 4). --block/--sym/--clip apply to safetensors only.", rich_help_panel="GGUF")] = None,
