@@ -263,3 +263,20 @@ def test_tokenizer_rebuilt_from_smollm2_tokenizer_json_equals_the_original(smoll
     for key in [k for k in original if k.startswith("tokenizer.") and k != "tokenizer.ggml.add_space_prefix"]:
         assert rebuilt[key].value == original[key], key
     assert rebuilt["tokenizer.ggml.pre"].value == "smollm" and len(rebuilt["tokenizer.ggml.merges"].value) == 48900
+
+
+def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path):
+    """HF llama3 RoPE scaling becomes llama.cpp's rope_freqs tensor; swtool's forward reads the GGUF like the HF directory."""
+    from test_gguf_families import logits
+    from tiny import build
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    build("llama", tmp_path / "hf", rope_parameters=rope, rope_scaling=rope)
+    source = open_checkpoint(tmp_path / "hf")
+    assert source.config.rope_scaling["rope_type"] == "llama3"
+    _, reader = write(source, tmp_path / "m.gguf", "F32")
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    factors = np.asarray(freqs.data)
+    assert factors.shape == (8,) and factors[0] == 1.0 and factors[-1] == 8.0
+    tokens = torch.tensor([[1, 50, 120, 7, 250, 33, 90, 14, 200, 3] * 5])
+    torch.testing.assert_close(logits(open_checkpoint(tmp_path / "m.gguf"), tokens), logits(source, tokens), rtol=1e-4, atol=1e-4)

@@ -76,8 +76,8 @@ def hyperparameters(config: ModelConfig, arch: str) -> Metadata:
         keys += [("rope.scaling.type", kind, GGUFValueType.STRING), ("rope.scaling.factor", float(scaling["factor"]), f32)]
         if kind == "yarn":
             keys.append(("rope.scaling.original_context_length", int(scaling["original_max_position_embeddings"]), u32))
-    elif kind is not None:
-        raise SwtoolError(f"rope scaling {kind!r}: GGUF output supports only linear and yarn scaling")
+    elif kind not in (None, "llama3"):  # llama3 scaling travels as the rope_freqs tensor (swtool.checkpoint.gguf_out)
+        raise SwtoolError(f"rope scaling {kind!r}: GGUF output supports linear, yarn and llama3 scaling")
     return {f"{arch}.{key}": GGUFValue(value, vtype) for key, value, vtype in keys}
 
 

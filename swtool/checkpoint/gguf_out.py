@@ -26,6 +26,7 @@ Type choice for `--type T`, following llama-quantize where it applies:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,8 @@ class GGUFTensor:
     """Re-apply llama.cpp's Q/K row permutation with this many heads."""
     offset: float = 0.0
     """Added to the values, as llama.cpp's converter folds Gemma's `1 +` into norm weights."""
+    values: torch.Tensor | None = field(default=None, compare=False)
+    """The data of a tensor llama.cpp needs that the input does not hold (rope_freqs)."""
 
     @property
     def nbytes(self) -> int:
@@ -189,6 +192,9 @@ def plan_gguf(
             qtype = QType.F16
         offset = family.gguf_norm_offset if source.endswith("norm.weight") else 0.0
         tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source), offset))
+    if checkpoint.format != "gguf" and (checkpoint.config.rope_scaling or {}).get("rope_type") == "llama3":
+        factors = llama3_rope_factors(checkpoint.config)
+        tensors.append(GGUFTensor("rope_freqs.weight", "rope_freqs.weight", tuple(factors.shape), QType.F32, values=factors))
     metadata["general.file_type"] = GGUFValue(int(FILE_TYPES[base]), GGUFValueType.UINT32)
     metadata["general.quantization_version"] = GGUFValue(gguf.GGML_QUANT_VERSION, GGUFValueType.UINT32)
     if keep_super and super_weights:
@@ -196,6 +202,28 @@ def plan_gguf(
     for key, value in (provenance or {}).items():
         metadata[f"swtool.{key}"] = GGUFValue(value if isinstance(value, str) else json.dumps(value, sort_keys=True), GGUFValueType.STRING)
     return GGUFPlan(arch, base, tensors, metadata, notes)
+
+
+def llama3_rope_factors(config) -> torch.Tensor:
+    """llama.cpp's `rope_freqs` for llama3 RoPE scaling, as convert_hf_to_gguf.py computes it:
+    per frequency, the divisor llama3 scaling applies (1 for high, `factor` for low frequencies, smooth between)."""
+    scaling = config.rope_scaling
+    dim = config.head_dim
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = float(scaling.get("factor", 8.0))
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old = float(scaling.get("original_max_position_embeddings", 8192))
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
 
 
 def stored_row(tensor: GGUFTensor, row: int) -> int:
@@ -230,7 +258,7 @@ def super_weight_metadata(checkpoint: Checkpoint, tensors: list[GGUFTensor], wei
 
 
 def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
-    weight = checkpoint.load(tensor.source, torch.float32)
+    weight = tensor.values if tensor.values is not None else checkpoint.load(tensor.source, torch.float32)
     if tensor.permute_heads is not None:
         weight = permute_qk(weight, tensor.permute_heads)
     if tensor.offset:
