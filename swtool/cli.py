@@ -195,9 +195,11 @@ def quantize(
     clip: Annotated[str, typer.Option(help="Outlier clipping: none, z:K (per block, mean|w| + K std|w|), pct:P (per block, the 1-P quantile of |w|) or auto (per tensor, least own error).", rich_help_panel="Quantization")] = "none",
     include_embeddings: Annotated[bool, typer.Option("--include-embeddings", help="Quantize the token embeddings too.", rich_help_panel="Quantization")] = False,
     include_head: Annotated[bool, typer.Option("--include-head", help="Quantize the LM head too.", rich_help_panel="Quantization")] = False,
-    keep_super: Annotated[bool, typer.Option("--keep-super/--no-keep-super", help="Hold super weights out of quantization and keep them exactly (fp16).", rich_help_panel="Super weights")] = True,
+    keep_super: Annotated[bool, typer.Option("--keep-super/--no-keep-super", help="Hold super weights out of quantization and keep them exactly (fp16); with --format gguf they stay in their tensors, written at --super-type.", rich_help_panel="Super weights")] = True,
     super_file: Annotated[Optional[str], typer.Option("--super", help="`swtool scan --json` output naming the super weights (FILE, or - for stdin); without it quantize runs the scan.", rich_help_panel="Super weights")] = None,
     out_format: Annotated[str, typer.Option("--format", help="Output format: safetensors or gguf.", rich_help_panel="Output")] = "safetensors",
+    gguf_type: Annotated[Optional[str], typer.Option("--type", help="--format gguf: GGML type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 (default: Q8_0 for --bits 8, Q4_0 for --bits 4). --block/--sym/--clip apply to safetensors only.", rich_help_panel="GGUF")] = None,
+    super_type: Annotated[str, typer.Option("--super-type", help="--format gguf: type of the tensors holding super weights (they stay in the tensor): Q8_0 or F16.", rich_help_panel="GGUF")] = "Q8_0",
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.", rich_help_panel="Output")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.", rich_help_panel="Output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
@@ -222,6 +224,7 @@ def quantize(
         if super_file is not None and not keep_super:
             raise SwtoolError("--super and --no-keep-super contradict each other")
         writer, is_directory = WRITERS[out_format]
+        ggml_type = gguf_types(out_format, gguf_type, bits, super_type)
         checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
         refuse_quantized(checkpoint)
         check_target(output, [model], force)
@@ -240,6 +243,8 @@ def quantize(
             "super": "scan" if super_file is None and keep_super else super_file, "include_embeddings": include_embeddings,
             "include_head": include_head, "format": out_format, "max_shard_size": max_shard_size, "allow_nonfinite": allow_nonfinite,
         }
+        if out_format == "gguf":
+            options.update({"type": ggml_type, "super_type": super_type.upper()})
         job = QuantizeJob(
             checkpoint,
             spec,
@@ -247,6 +252,8 @@ def quantize(
             held,
             {"swtool.source": str(model.resolve()), **provenance("quantize", options, model_inputs(checkpoint), digests)},
             max_bytes,
+            gguf_type=ggml_type or "Q4_0",
+            super_type=super_type,
         )
         with atomic_output(output, directory=is_directory, inputs=[model], force=force) as temp:
             with progress_bar(f"quantize {model.name}", enabled=not quiet) as progress:
@@ -319,15 +326,31 @@ def eval_(
     guarded(run)
 
 
+def gguf_types(out_format: str, type_name: str | None, bits: int, super_type: str) -> str | None:
+    """Check --type/--super-type before any work: the GGML type to write, None for safetensors output."""
+    from swtool.checkpoint.gguf_out import SUPER_TYPES, parse_type
+
+    if out_format != "gguf":
+        if type_name is not None:
+            raise SwtoolError("--type applies to --format gguf only (safetensors output takes --bits)")
+        return None
+    if type_name is None:
+        type_name = {8: "Q8_0", 4: "Q4_0"}.get(bits)
+        if type_name is None:
+            raise SwtoolError(f"--format gguf: --bits {bits} has no GGML type; give --type (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16...)")
+    parse_type(super_type, "--super-type", SUPER_TYPES)
+    return parse_type(type_name).name
+
+
 @app.command(rich_help_panel="Quantize")
 def dequantize(
-    quantized: Annotated[Path, typer.Argument(help="A directory written by swtool quantize.")],
+    quantized: Annotated[Path, typer.Argument(help="A directory written by swtool quantize, or a GGUF file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output HF model directory.")],
-    dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: the source's dtype, recorded at quantization).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: the source's dtype, recorded at quantization; fp16 for GGUF).")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
-    """Write a quantized checkpoint back as a standard Hugging Face checkpoint, super weights restored."""
+    """Write a quantized checkpoint (swtool's, or a GGUF) back as a standard Hugging Face checkpoint."""
 
     def run() -> int:
         from swtool.checkpoint import open_checkpoint
@@ -338,7 +361,9 @@ def dequantize(
 
         target_dtype = torch_dtype(dtype) if dtype is not None else None
         max_bytes = parse_size(max_shard_size)
-        checkpoint = require_quantized(open_checkpoint(quantized))
+        checkpoint = open_checkpoint(quantized)
+        if checkpoint.format != "gguf":
+            require_quantized(checkpoint)
         check_target(output, [quantized], force)
         record = provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size}, model_inputs(checkpoint))
         with atomic_output(output, directory=True, inputs=[quantized], force=force) as temp:

@@ -20,7 +20,7 @@ import torch
 from swtool.arch import family_of
 from swtool.checkpoint.base import Checkpoint
 from swtool.checkpoint.quantized_in import QuantizedCheckpoint
-from swtool.checkpoint.hf_export import exported_names, write_model_files, write_weights
+from swtool.checkpoint.hf_export import export_hf, exported_names, write_model_files, write_weights
 from swtool.checkpoint.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
 from swtool.errors import SwtoolError
 from swtool.quant import layout
@@ -57,6 +57,10 @@ class QuantizeJob:
     provenance: dict[str, str] = field(default_factory=dict)
     """swtool.* metadata fields recording how the output was made (see swtool.provenance)."""
     max_shard_bytes: int = 5 * 10**9
+    gguf_type: str = "Q4_0"
+    """--format gguf: the GGML tensor type (see swtool.checkpoint.gguf_out for which tensors get it)."""
+    super_type: str = "Q8_0"
+    """--format gguf: the type of tensors holding a held super weight (they stay in the tensor)."""
 
 
 @dataclass
@@ -67,6 +71,10 @@ class QuantizeReport:
     """(tensor, row, col, fp16 value) of each held-out weight."""
     thresholds: dict[str, float] = field(default_factory=dict)
     """--clip auto: the threshold chosen per tensor (only where clipping helped)."""
+    held_how: str = "fp16, restored on dequantize"
+    """How the held weights are kept, for the report."""
+    notes: list[str] = field(default_factory=list)
+    """Things the user should hear about (GGUF type fallbacks...)."""
 
 
 def targets(checkpoint: Checkpoint, include_embeddings: bool = False, include_head: bool = False) -> list[str]:
@@ -159,7 +167,22 @@ def copy_model_files(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype
 
 
 def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -> QuantizeReport:
-    raise SwtoolError("--format gguf: not yet implemented")
+    """A GGUF file llama.cpp runs; super weights stay in their tensors, which are written at job.super_type."""
+    from swtool.checkpoint import gguf_out
+
+    checkpoint = job.checkpoint
+    plan = gguf_out.plan_gguf(
+        checkpoint, job.gguf_type, super_weights=job.held, keep_super=bool(job.held), super_type=job.super_type, provenance=job.provenance
+    )
+    gguf_out.write_gguf(checkpoint, plan, path, progress)
+    types = {t.source: t.qtype.name for t in plan.tensors}
+    quantized = sum(1 for t in plan.tensors if t.qtype in gguf_out.BLOCK_TYPES)
+    held = [
+        (checkpoint.stored_name(h.tensor), h.row, h.col, float(checkpoint.load(h.tensor, torch.float32, rows=[h.row])[0, h.col].half()))
+        for h in job.held
+    ]
+    how = f"kept in its tensor, written as {types[job.held[0].tensor]}" if job.held else ""
+    return QuantizeReport(quantized, len(plan.tensors) - quantized, held, held_how=how, notes=plan.notes)
 
 
 WRITERS: dict[str, tuple[Callable[[QuantizeJob, Path, Progress | None], QuantizeReport], bool]] = {
@@ -171,7 +194,7 @@ WRITERS: dict[str, tuple[Callable[[QuantizeJob, Path, Progress | None], Quantize
 
 def require_quantized(checkpoint: Checkpoint) -> QuantizedCheckpoint:
     if not isinstance(checkpoint, QuantizedCheckpoint):
-        raise SwtoolError(f"{checkpoint.path}: not a swtool-quantized checkpoint (no swtool.format in its safetensors metadata)")
+        raise SwtoolError(f"{checkpoint.path}: neither a GGUF file nor a swtool-quantized checkpoint (no swtool.format in its safetensors metadata)")
     return checkpoint
 
 
@@ -181,9 +204,17 @@ def refuse_quantized(checkpoint: Checkpoint) -> None:
 
 
 def dequantize_to(
-    checkpoint: QuantizedCheckpoint, directory: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, provenance: dict[str, str] | None = None
+    checkpoint: Checkpoint, directory: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, provenance: dict[str, str] | None = None
 ) -> torch.dtype:
-    """Write a swtool-quantized checkpoint back as a standard HF directory; returns the dtype written."""
+    """Write a swtool-quantized checkpoint or a GGUF file as a standard HF directory; returns the dtype written.
+
+    A GGUF is dequantized tensor by tensor (Q/K un-permuted by the reader), fp16 unless asked otherwise.
+    """
+    if checkpoint.format == "gguf":
+        dtype = dtype or torch.float16
+        export_hf(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": "gguf", **(provenance or {})})
+        return dtype
+    checkpoint = require_quantized(checkpoint)
     dtype = dtype or checkpoint.header.dtype
     with parallel_chunks():
         write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT, **(provenance or {})})

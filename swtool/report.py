@@ -105,11 +105,13 @@ def render_quantize(report, output) -> None:
     """One summary of `swtool quantize` (a swtool.quantize.QuantizeReport) on stderr."""
     stderr.print(f"[bold]{output}[/]: {report.quantized} tensors quantized, {report.kept} kept as stored")
     for tensor, row, col, value in report.held:
-        stderr.print(f"  held out {tensor}[{row}, {col}] = {_fmt(value)} (fp16, restored on dequantize)")
+        stderr.print(f"  held out {tensor}[{row}, {col}] = {_fmt(value)} ({report.held_how})")
     if not report.held:
         stderr.print("  no super weight held out")
     if report.thresholds:
         stderr.print(f"  --clip auto clipped {len(report.thresholds)} tensors")
+    for note in report.notes:
+        stderr.print(f"  note: {note}")
 
 
 def render_eval(result) -> None:

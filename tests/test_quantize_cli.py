@@ -190,7 +190,7 @@ def bad(tmp_path, *args, input=None):
         (["--block", "0"], "--block 0"),
         (["--block", "-64"], "--block -64"),
         (["--clip", "z:-2"], "--clip"),
-        (["--format", "gguf"], "not yet"),
+        (["--format", "gguf", "--type", "Q9_9"], "--type 'Q9_9'"),
         (["--format", "onnx"], "--format"),
     ],
 )
@@ -223,7 +223,7 @@ def test_quantized_input_refused(quantized, tmp_path):
 
 
 def test_dequantize_refuses_non_swtool_input(model, tmp_path):
-    assert "not a swtool-quantized checkpoint" in bad(tmp_path, "dequantize", model)
+    assert "nor a swtool-quantized checkpoint" in bad(tmp_path, "dequantize", model)
     plain = tmp_path / "empty"
     plain.mkdir()
     assert "config.json" in bad(tmp_path, "dequantize", plain)

@@ -24,7 +24,7 @@ import torch
 from swtool.arch import Family, family_for
 from swtool.checkpoint.base import Checkpoint, Rows
 from swtool.checkpoint.gguf_check import check_gguf
-from swtool.config import from_gguf
+from swtool.config import ModelConfig, from_gguf
 from swtool.errors import SwtoolError
 
 ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
@@ -60,6 +60,23 @@ def unpermute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo convert_hf_to_gguf's `permute` (HF half-split RoPE rows -> interleaved)."""
     rows = weight.shape[0]
     return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf's `permute`: HF half-split RoPE rows -> llama.cpp's interleaved order."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def qk_heads(family: Family, config: ModelConfig, name: str) -> int | None:
+    """The head count a Q/K tensor is permuted by in GGUF, or None for every other tensor."""
+    if not family.gguf_permute_qk:
+        return None
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+        return config.num_heads
+    if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+        return config.num_kv_heads
+    return None
 
 
 class GGUFCheckpoint(Checkpoint):
@@ -129,7 +146,7 @@ class GGUFCheckpoint(Checkpoint):
         if name in self._expert_of:
             data = data[self._expert_of[name]]
         shape = self.shape(name)
-        permute_heads = self._permute_heads(name)
+        permute_heads = qk_heads(self.family, self.config, name)
         if rows is not None and permute_heads is None and len(shape) > 1:
             data = data.reshape(shape[0], -1)[rows]
             shape = (data.shape[0], *shape[1:])
@@ -145,15 +162,6 @@ class GGUFCheckpoint(Checkpoint):
         if self.family.gguf_norm_offset and name.endswith("norm.weight"):
             out = out - self.family.gguf_norm_offset
         return out
-
-    def _permute_heads(self, name: str) -> int | None:
-        if not self.family.gguf_permute_qk:
-            return None
-        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-            return self.config.num_heads
-        if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-            return self.config.num_kv_heads
-        return None
 
     def tokenizer_json(self) -> str:
         from swtool.tokenizer import gguf_tokenizer_json

@@ -88,7 +88,24 @@ def write_model_files(checkpoint: Checkpoint, directory: Path, dtype: torch.dtyp
     config = config or config_json(checkpoint, dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "tokenizer.json").write_text(checkpoint.tokenizer_json())
-    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
+    tokenizer_config = gguf_tokenizer_config(getattr(checkpoint, "meta", {}))
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def gguf_tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer_config.json: the special tokens and chat template a GGUF carries, so transformers' tokenizer has them."""
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"), ("pad", "padding_token_id")):
+        index = meta.get(f"tokenizer.ggml.{key}")
+        if isinstance(index, int) and 0 <= index < len(tokens):
+            config[f"{role}_token"] = tokens[index]
+    for role in ("bos", "eos"):
+        if isinstance(meta.get(f"tokenizer.ggml.add_{role}_token"), bool):
+            config[f"add_{role}_token"] = meta[f"tokenizer.ggml.add_{role}_token"]
+    if isinstance(meta.get("tokenizer.chat_template"), str):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return config
 
 
 def export_hf(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype = torch.float16, max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None) -> None:

@@ -1,0 +1,296 @@
+"""GGUF output that stock llama.cpp loads: plan every tensor from headers, then stream the data.
+
+Pass one (`plan_gguf`) reads only shapes and metadata: it names every tensor
+as llama.cpp does, picks its GGML type, and gathers the key/values. Pass two
+(`write_gguf`) writes the header, the key/values and the tensor infos with
+gguf-py's low-level calls, then loads, permutes, encodes and writes one tensor
+at a time (never `GGUFWriter.add_tensor`, which keeps every array until the end).
+
+Type choice for `--type T`, following llama-quantize where it applies:
+- 1-D tensors (norms, biases) stay F32;
+- with a block type T, the output projection (the token embedding when tied)
+  is Q8_0: llama-quantize writes Q6_K there when the row length is a multiple
+  of 256 and Q8_0 otherwise; swtool has no K-quant codec, so always Q8_0,
+  at least as accurate; an untied token embedding gets T, as in llama-quantize;
+- a row length that is not a multiple of the block size falls back to F16, as
+  llama-quantize does for the 32-value block types (and says so);
+- with keep_super, tensors holding a super weight get the super type (Q8_0 or
+  F16) when that is more precise than their planned type. Super weights are
+  never removed from a tensor: llama.cpp cannot apply a side table, so a GGUF
+  without them is a broken model. Their coordinates (in the stored tensor) and
+  fp16 values are recorded under `swtool.super_weights.*`, beside provenance
+  under `swtool.*`; llama.cpp ignores unknown keys (but would refuse unknown
+  tensors, so none are added).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGUFValueType, LlamaFileType
+from gguf.gguf_writer import GGUFValue
+
+from swtool.arch import family_for
+from swtool.checkpoint.base import Checkpoint
+from swtool.checkpoint.gguf_in import ARCH_BY_NAME, permute_qk, qk_heads
+from swtool.checkpoint.gguf_meta import Metadata, model_metadata
+from swtool.errors import SwtoolError
+from swtool.quant.ggml import TYPES, NonFiniteError, QType, can_encode, encode, encoded_nbytes, one_kernel_thread
+from swtool.quant.supers import Held
+
+SUPER_TYPES = ("Q8_0", "F16")
+PRECISION = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.BF16, QType.F16, QType.F32)
+"""Types from least to most precise (BF16 has fewer mantissa bits than F16)."""
+BLOCK_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0)
+FILE_TYPES = {
+    QType.F32: LlamaFileType.ALL_F32,
+    QType.F16: LlamaFileType.MOSTLY_F16,
+    QType.BF16: LlamaFileType.MOSTLY_BF16,
+    QType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+    QType.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+    QType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    QType.Q5_0: LlamaFileType.MOSTLY_Q5_0,
+    QType.Q5_1: LlamaFileType.MOSTLY_Q5_1,
+}
+HEAD_TYPE = QType.Q8_0
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    source: str
+    """Canonical name in the input checkpoint."""
+    name: str
+    """Name in the GGUF file."""
+    shape: tuple[int, ...]
+    """Shape as torch loads it, (out, in) for linear weights (GGUF stores it reversed)."""
+    qtype: QType
+    permute_heads: int | None = None
+    """Re-apply llama.cpp's Q/K row permutation with this many heads."""
+    offset: float = 0.0
+    """Added to the values, as llama.cpp's converter folds Gemma's `1 +` into norm weights."""
+    values: torch.Tensor | None = field(default=None, compare=False)
+    """The data of a tensor llama.cpp needs that the input does not hold (rope_freqs)."""
+
+    @property
+    def nbytes(self) -> int:
+        return encoded_nbytes(self.shape, self.qtype)
+
+
+@dataclass
+class GGUFPlan:
+    arch: str
+    qtype: QType
+    tensors: list[GGUFTensor]
+    metadata: Metadata
+    notes: list[str] = field(default_factory=list)
+    """What the user should hear about: fallbacks, unrecognised tokenizer parts."""
+
+
+def parse_type(name: str, option: str = "--type", allowed: Sequence[str] = tuple(TYPES)) -> QType:
+    if name.upper() not in allowed:
+        raise SwtoolError(f"{option} {name!r} is not a GGUF type swtool writes; choose one of {', '.join(allowed)}")
+    return TYPES[name.upper()]
+
+
+HF_ARCHS = ("llama", "qwen2", "qwen3")
+"""Architectures whose llama.cpp hyper-parameters swtool builds from an HF config.json
+(the llama-style keys); a GGUF input of any other architecture has its own copied."""
+
+
+def gguf_arch(checkpoint: Checkpoint) -> str:
+    """llama.cpp's architecture name for the checkpoint's family; a clear error where swtool cannot write it."""
+    config = checkpoint.config
+    family = family_for(config.model_type)
+    arch = family.gguf_arch
+    if arch is None or arch not in ARCH_BY_NAME:
+        raise SwtoolError(f"model_type {config.model_type!r}: llama.cpp has no architecture for it, so it cannot be written as GGUF")
+    if config.num_experts:
+        raise SwtoolError(f"model_type {config.model_type!r}: routed experts are not written as GGUF yet (llama.cpp merges them into 3-D tensors)")
+    if checkpoint.format != "gguf" and arch not in HF_ARCHS:
+        raise SwtoolError(
+            f"model_type {config.model_type!r}: GGUF output from an HF directory supports the {', '.join(HF_ARCHS)} architectures; "
+            "convert this model with llama.cpp's convert_hf_to_gguf.py, then swtool can quantize that GGUF"
+        )
+    return arch
+
+
+def gguf_names(checkpoint: Checkpoint, arch: str) -> dict[str, str]:
+    """Canonical name -> GGUF name for every tensor to write, in input order.
+
+    A GGUF input keeps its own names and order (and its GGUF-only tensors such
+    as rope_freqs); an HF input is mapped with gguf-py's tensor name map, keeping
+    only the tensors the family describes (a tied head is not written twice).
+    """
+    if checkpoint.format == "gguf":
+        canonical = {checkpoint.stored_name(n): n for n in checkpoint.names()}
+        return {canonical[t.name]: t.name for t in checkpoint.reader.tensors}
+    config = checkpoint.config
+    family = family_for(config.model_type)
+    wanted = set(family.global_tensors(config).values())
+    for layer in range(config.num_layers):
+        wanted.update(family.layer_tensors(config, layer).values())
+    name_map = gguf.get_tensor_name_map(ARCH_BY_NAME[arch], config.num_layers)
+    out: dict[str, str] = {}
+    for name in checkpoint.names():
+        if name not in wanted:
+            continue
+        stored = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if stored is None:
+            raise SwtoolError(f"{checkpoint.path}: tensor {name} has no llama.cpp name for architecture {arch}")
+        out[name] = stored
+    return out
+
+
+def is_head(name: str, checkpoint: Checkpoint) -> bool:
+    """The output projection, or the token embedding that serves as it when tied."""
+    return name == "lm_head.weight" or (name == "model.embed_tokens.weight" and checkpoint.config.tie_embeddings)
+
+
+def choose_type(shape: tuple[int, ...], base: QType, head: bool, super_type: QType | None) -> QType:
+    if len(shape) < 2:
+        return QType.F32
+    chosen = HEAD_TYPE if head and base in BLOCK_TYPES else base
+    if super_type is not None and PRECISION.index(super_type) > PRECISION.index(chosen):
+        chosen = super_type
+    return chosen
+
+
+def plan_gguf(
+    checkpoint: Checkpoint,
+    type_name: str,
+    *,
+    super_weights: Sequence[Held] = (),
+    keep_super: bool = False,
+    super_type: str = "Q8_0",
+    provenance: dict[str, str] | None = None,
+) -> GGUFPlan:
+    """Every tensor's GGUF name, shape and type, and every key/value, from headers alone."""
+    base = parse_type(type_name)
+    protect = parse_type(super_type, "--super-type", SUPER_TYPES) if keep_super else None
+    arch = gguf_arch(checkpoint)
+    family = family_for(checkpoint.config.model_type)
+    holders = {w.tensor for w in super_weights}
+    metadata, notes = model_metadata(checkpoint, arch)
+    tensors: list[GGUFTensor] = []
+    for source, name in gguf_names(checkpoint, arch).items():
+        shape = tuple(checkpoint.shape(source))
+        qtype = choose_type(shape, base, is_head(source, checkpoint), protect if source in holders else None)
+        if not can_encode(shape, qtype):
+            notes.append(
+                f"{name}: row length {shape[-1]} is not a multiple of the {qtype.name} block size "
+                f"{gguf.GGML_QUANT_SIZES[qtype][0]}; written as F16 (as llama-quantize does)"
+            )
+            qtype = QType.F16
+        offset = family.gguf_norm_offset if source.endswith("norm.weight") else 0.0
+        tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source), offset))
+    if checkpoint.format != "gguf" and (checkpoint.config.rope_scaling or {}).get("rope_type") == "llama3":
+        factors = llama3_rope_factors(checkpoint.config)
+        tensors.append(GGUFTensor("rope_freqs.weight", "rope_freqs.weight", tuple(factors.shape), QType.F32, values=factors))
+    metadata["general.file_type"] = GGUFValue(int(FILE_TYPES[base]), GGUFValueType.UINT32)
+    metadata["general.quantization_version"] = GGUFValue(gguf.GGML_QUANT_VERSION, GGUFValueType.UINT32)
+    if keep_super and super_weights:
+        metadata.update(super_weight_metadata(checkpoint, tensors, super_weights, super_type.upper()))
+    for key, value in (provenance or {}).items():  # swtool.provenance's fields, stored as they are named
+        metadata[key] = GGUFValue(value, GGUFValueType.STRING)
+    return GGUFPlan(arch, base, tensors, metadata, notes)
+
+
+def llama3_rope_factors(config) -> torch.Tensor:
+    """llama.cpp's `rope_freqs` for llama3 RoPE scaling, as convert_hf_to_gguf.py computes it:
+    per frequency, the divisor llama3 scaling applies (1 for high, `factor` for low frequencies, smooth between)."""
+    scaling = config.rope_scaling
+    dim = config.head_dim
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = float(scaling.get("factor", 8.0))
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old = float(scaling.get("original_max_position_embeddings", 8192))
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def stored_row(tensor: GGUFTensor, row: int) -> int:
+    """Where HF row `row` of `tensor` lands in the GGUF file (moved only by the Q/K permutation)."""
+    if tensor.permute_heads is None:
+        return row
+    order = permute_qk(torch.arange(tensor.shape[0]), tensor.permute_heads)
+    return int((order == row).nonzero()[0, 0])
+
+
+def super_weight_metadata(checkpoint: Checkpoint, tensors: list[GGUFTensor], weights: Sequence[Held], super_type: str) -> Metadata:
+    """swtool.super_weights.*: parallel arrays of GGUF tensor name, row, col (as stored) and fp16 value."""
+    by_source = {t.source: t for t in tensors}
+    names, rows, cols, values = [], [], [], []
+    for w in sorted(weights, key=lambda w: (w.tensor, w.row, w.col)):
+        tensor = by_source.get(w.tensor)
+        if tensor is None:
+            raise SwtoolError(f"super weight tensor {w.tensor} is not written to the GGUF file")
+        value = checkpoint.load(w.tensor, torch.float32, rows=[w.row])[0, w.col].half()
+        names.append(tensor.name)
+        rows.append(stored_row(tensor, w.row))
+        cols.append(w.col)
+        values.append(float(value))
+    arr, prefix = GGUFValueType.ARRAY, "swtool.super_weights."
+    return {
+        prefix + "tensor": GGUFValue(names, arr, GGUFValueType.STRING),
+        prefix + "row": GGUFValue(rows, arr, GGUFValueType.UINT32),
+        prefix + "col": GGUFValue(cols, arr, GGUFValueType.UINT32),
+        prefix + "value": GGUFValue(values, arr, GGUFValueType.FLOAT32),
+        prefix + "type": GGUFValue(super_type, GGUFValueType.STRING),
+    }
+
+
+def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
+    weight = tensor.values if tensor.values is not None else checkpoint.load(tensor.source, torch.float32)
+    if tensor.permute_heads is not None:
+        weight = permute_qk(weight, tensor.permute_heads)
+    if tensor.offset:
+        weight = weight + tensor.offset
+    try:
+        return encode(weight, tensor.qtype)
+    except NonFiniteError as exc:
+        raise SwtoolError(f"{checkpoint.path}: tensor {checkpoint.stored_name(tensor.source)} {exc}") from None
+
+
+def write_gguf(checkpoint: Checkpoint, plan: GGUFPlan, path: Path, progress: Progress | None = None) -> None:
+    """Write the planned file at `path`: header, key/values and tensor infos first, then one tensor at a time."""
+    writer = gguf.GGUFWriter(path, plan.arch)
+    writer.kv_data[0].update(plan.metadata)
+    for tensor in plan.tensors:
+        byte_shape = (*tensor.shape[:-1], encoded_nbytes(tensor.shape[-1:], tensor.qtype))
+        writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), tensor.nbytes, raw_dtype=tensor.qtype)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with one_kernel_thread():  # encode() parallelises over its own threads
+            for index, tensor in enumerate(plan.tensors):
+                writer.write_tensor_data(encoded_tensor(checkpoint, tensor))
+                if progress:
+                    progress(index + 1, len(plan.tensors))
+    finally:
+        writer.close()
+
+
+def save_gguf(checkpoint: Checkpoint, plan: GGUFPlan, out: Path, *, force: bool = False, progress: Progress | None = None) -> None:
+    """`write_gguf` through atomic_output: the file appears whole at `out` or not at all."""
+    from swtool.checkpoint.atomic import atomic_output
+
+    with atomic_output(out, directory=False, inputs=[checkpoint.path, *checkpoint.files], force=force) as temp:
+        write_gguf(checkpoint, plan, temp, progress)
