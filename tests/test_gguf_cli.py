@@ -26,7 +26,9 @@ def test_quantize_gguf_keep_super(model, super_json, tmp_path):  # noqa: F811
     assert meta["swtool.super_weights.row"] == [row] and meta["swtool.super_weights.col"] == [col]
     options, inputs = json.loads(meta["swtool.options"]), json.loads(meta["swtool.inputs"])
     assert options["type"] == "Q4_0" and options["super_type"] == "Q8_0" and options["format"] == "gguf"
-    assert len(inputs["model.safetensors"]) == 64 and "scan.json" in " ".join(inputs)
+    weights = [digest for name, digest in inputs.items() if name.endswith("model.safetensors")]
+    assert len(weights) == 1 and len(weights[0]) == 64 and "scan.json" in " ".join(inputs)
+    assert meta["swtool.command"] == "quantize"
     assert "written as Q8_0" in result.output and "m.gguf" in result.output
 
 
