@@ -148,6 +148,6 @@ def edit_checkpoint(checkpoint: Checkpoint, out: Path, plan: EditPlan, *, force:
     if not plan.active:
         raise SwtoolError("nothing to do: give --zero-super, --scale-super or --zero-outliers")
     if checkpoint.format == "gguf":
-        raise SwtoolError("GGUF output is not available in this build (it needs swtool's GGUF writer); edit an HF directory, or convert the GGUF with swtool's HF export first")
+        raise SwtoolError("edit does not write GGUF yet; run `swtool dequantize MODEL.gguf -o DIR` and edit DIR instead")
     with atomic_output(out, directory=True, inputs=[checkpoint.path], force=force) as temp:
         edit_safetensors(checkpoint, temp, plan, max_shard_bytes)
