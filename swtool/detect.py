@@ -170,7 +170,7 @@ class Detector:
         from swtool.tokenizer import encode
 
         self.checkpoint = checkpoint
-        self.stream = LayerStream(checkpoint, dtype=dtype, device=device)
+        self.stream = LayerStream(checkpoint, dtype=dtype, device=device, recycle=True)
         self.prompt = prompt
         self.token_ids = torch.tensor([encode(checkpoint, prompt)])
         self.min_ratio = min_ratio

@@ -133,9 +133,21 @@ def causal_mask(length: int, window: int | None, device: torch.device) -> torch.
 class LayerStream:
     """A checkpoint walked one layer at a time on a device, in one compute dtype."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu", input_hook: InputHook | None = None):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        input_hook: InputHook | None = None,
+        recycle: bool = False,
+    ):
+        """`recycle`: each `layer_weights` call refills the previous call's tensors instead of
+        allocating new ones (twice as fast to load), so a layer's weights are valid only until
+        the next layer is loaded. For callers that walk the layers and let each one go."""
         self.checkpoint = checkpoint
         self.input_hook = input_hook
+        self.recycle = recycle
+        self._previous: dict[str, torch.Tensor] = {}
         self.config = checkpoint.config
         self.family: Family = family_of(self.config)
         self.dtype = dtype
@@ -158,8 +170,8 @@ class LayerStream:
         self.checkpoint.check_shape(names["embed"], (self.config.vocab_size, self.config.hidden_size))
         self.checkpoint.check_shape(names["head"], (self.config.vocab_size, self.config.hidden_size))
 
-    def _get(self, name: str) -> torch.Tensor:
-        return self.checkpoint.load(name, self.dtype).to(self.device)
+    def _get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.checkpoint.load(name, self.dtype, out=out).to(self.device)
 
     # -- pieces -----------------------------------------------------------------
 
@@ -181,7 +193,9 @@ class LayerStream:
             if not self.checkpoint.has(name):
                 raise SwtoolError(f"{self.checkpoint.path}: tensor {name} (layer {layer}) is missing")
             self.checkpoint.check_shape(name, shapes[role])
-            weights[role] = self._get(name)
+            weights[role] = self._get(name, self._previous.get(role))
+        if self.recycle:
+            self._previous = weights
         return weights
 
     def is_sliding(self, layer: int) -> bool:

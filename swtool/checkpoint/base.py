@@ -68,9 +68,21 @@ class Checkpoint(ABC):
     def has(self, name: str) -> bool:
         return name in self._entries
 
-    def load(self, name: str, dtype: torch.dtype = torch.float32, rows: Rows = None) -> torch.Tensor:
+    def load(self, name: str, dtype: torch.dtype = torch.float32, rows: Rows = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor (or `rows` of it) in `dtype`.
+
+        `out`, when it has the whole tensor's shape and `dtype`, may receive the values and
+        be returned instead of a new tensor (where the format supports it): a fresh tensor of
+        a layer's size costs more in page faults than the conversion itself, so streams reuse
+        the previous layer's.
+        """
         if not self.has(name):
             raise SwtoolError(f"{self.path}: tensor {name} not found")
+        reusable = out is not None and rows is None and out.dtype == dtype and out.is_contiguous() and tuple(out.shape) == tuple(self.shape(name))
+        if reusable and self._read_into(name, out):
+            if not self.allow_nonfinite:
+                self._check_finite(name, out, None)
+            return out
         tensor = self._read(name, rows)
         if not self.allow_nonfinite:
             self._check_finite(name, tensor, rows)
@@ -100,6 +112,10 @@ class Checkpoint(ABC):
             f"{self.path}: tensor {self.stored_name(name)} holds {count} NaN/Inf value(s){where}; "
             "the checkpoint is damaged (--allow-nonfinite to go on anyway)"
         )
+
+    def _read_into(self, name: str, out: torch.Tensor) -> bool:
+        """Fill `out` with the whole tensor and say True, where the format can without a whole-size temporary."""
+        return False
 
     def check_shape(self, name: str, expected: tuple[int, ...]) -> None:
         actual = self.shape(name)

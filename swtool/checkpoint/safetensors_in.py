@@ -3,7 +3,10 @@
 We parse and check the safetensors header ourselves (it is 8 bytes of length
 and a JSON document) instead of trusting it: files come from strangers, and a
 hostile header must produce a clear error, not an allocation of gigabytes.
-Tensor bytes are then read through one read-only memory map per shard.
+Tensor bytes are then read with plain file reads, not through a memory map:
+every page of a map that has been touched counts in the process's resident set
+until the map goes, so a scan through maps grew to the size of the whole model
+(see bench/scan_bench.py); reads keep it at one tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -38,6 +42,8 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "U8": (np.dtype("u1"), torch.uint8),
     "BOOL": (np.dtype("?"), torch.bool),
 }
+
+READ_BLOCK_BYTES = 4 * 1024 * 1024
 
 SHARD_PATTERN = re.compile(r".*-\d+-of-\d+\.safetensors$")
 
@@ -198,7 +204,8 @@ class SafetensorsCheckpoint(Checkpoint):
         self.config = from_hf(self.raw_config)
         self._entries: dict[str, TensorEntry] = shard_map(directory)
         self.files = sorted({e.file for e in self._entries.values()})
-        self._maps: dict[Path, np.memmap] = {}
+        self._handles: dict[Path, BinaryIO] = {}
+        self._staging = np.empty(READ_BLOCK_BYTES, np.uint8)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name].shape
@@ -209,27 +216,51 @@ class SafetensorsCheckpoint(Checkpoint):
     def stored_dtype(self, name: str) -> str:
         return self._entries[name].dtype
 
-    def _map(self, file: Path) -> np.memmap:
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        return self._maps[file]
+    def _handle(self, file: Path) -> BinaryIO:
+        if file not in self._handles:
+            self._handles[file] = file.open("rb", buffering=0)
+        return self._handles[file]
 
     def _read(self, name: str, rows: Rows) -> torch.Tensor:
         entry = self._entries[name]
         np_dtype, torch_dtype = DTYPES[entry.dtype]
         if rows is None:
-            # A whole tensor is read into private memory rather than copied out of the map:
-            # mapped pages count towards the process's RSS until unmapped, so streaming a
-            # large model through the map would grow RSS to the model's size.
-            raw = np.empty(entry.nbytes, dtype=np.uint8)
-            with entry.file.open("rb") as fh:
-                fh.seek(entry.start)
-                if fh.readinto(memoryview(raw)) != entry.nbytes:
-                    raise SwtoolError(f"{entry.file}: tensor {name} is truncated")
-            return torch.from_numpy(raw.view(np_dtype).reshape(entry.shape)).view(torch_dtype)
-        raw = self._map(entry.file)[entry.start : entry.start + entry.nbytes]
-        array = raw.view(np_dtype).reshape(entry.shape)[rows]
-        return torch.from_numpy(np.array(array)).view(torch_dtype)
+            array = np.empty(entry.shape, np_dtype)
+            self._read_span(entry.file, entry.start, array)
+        else:
+            index = np.arange(entry.shape[0])[rows]  # validates and normalises any row selection
+            row_bytes = entry.nbytes // max(entry.shape[0], 1)
+            array = np.empty((len(index), *entry.shape[1:]), np_dtype)
+            # One read per run of consecutive rows: a head chunk is one read, scattered embedding rows a few.
+            breaks = np.flatnonzero(np.diff(index) != 1) + 1
+            for first, last in zip([0, *breaks], [*breaks, len(index)]):
+                self._read_span(entry.file, entry.start + int(index[first]) * row_bytes, array[first:last])
+        return torch.from_numpy(array).view(torch_dtype)
+
+    def _read_into(self, name: str, out: torch.Tensor) -> bool:
+        # Through one private staging block, reused for every tensor: fresh memory costs page faults.
+        entry = self._entries[name]
+        np_dtype, torch_dtype = DTYPES[entry.dtype]
+        flat = out.view(-1)
+        itemsize = np_dtype.itemsize
+        step = max(1, READ_BLOCK_BYTES // itemsize)
+        count = entry.nbytes // itemsize
+        for start in range(0, count, step):
+            block = self._staging[: min(step, count - start) * itemsize].view(np_dtype)
+            self._read_span(entry.file, entry.start + start * itemsize, block)
+            flat[start : start + len(block)].copy_(torch.from_numpy(block).view(torch_dtype))
+        return True
+
+    def _read_span(self, file: Path, offset: int, into: np.ndarray) -> None:
+        view = memoryview(into).cast("B")
+        handle = self._handle(file)
+        handle.seek(offset)
+        done = 0
+        while done < len(view):
+            count = handle.readinto(view[done:])
+            if not count:
+                raise SwtoolError(f"{file}: file ended while reading tensor data (truncated since it was opened?)")
+            done += count
 
     def tokenizer_json(self) -> str:
         path = self.path / "tokenizer.json"
@@ -238,4 +269,6 @@ class SafetensorsCheckpoint(Checkpoint):
         return path.read_text()
 
     def close(self) -> None:
-        self._maps.clear()
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()

@@ -1,0 +1,59 @@
+"""The safetensors reader's file reads and the stream's recycled buffers give the same tensors as before.
+
+bench/scan_bench.py showed a scan through memory maps grew to the model's size
+and spent more time in page faults than in conversion; these check that the
+reads that replaced the maps, and the buffers the stream reuses, change no value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from swtool.checkpoint import open_checkpoint
+from swtool.checkpoint.safetensors_in import SafetensorsCheckpoint
+from swtool.detect import scan
+from swtool.forward import LayerStream
+from tiny import build, plant
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model = build("llama", directory)
+    plant(model, directory, [(1, 7, 40)])
+    return directory
+
+
+def test_rows_and_whole_tensors_match_the_reference_loader(model_dir, tmp_path, monkeypatch):
+    tensors = {"a": torch.randn(37, 5).to(torch.bfloat16), "b": torch.randn(9), "c": torch.arange(6, dtype=torch.int32)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
+    checkpoint = SafetensorsCheckpoint(tmp_path)
+    for name, reference in tensors.items():
+        assert torch.equal(checkpoint.load(name, reference.dtype), reference)
+    a = tensors["a"]
+    for rows in ([3, 4, 5, 9, 0, 0, 36], slice(5, 20), slice(30, None), np.array([2, 1]), [-1]):
+        assert torch.equal(checkpoint.load("a", torch.bfloat16, rows=rows), a[torch.as_tensor(np.arange(37)[rows])])
+    monkeypatch.setattr("swtool.checkpoint.safetensors_in.READ_BLOCK_BYTES", 16)  # many staging blocks per tensor
+    checkpoint = SafetensorsCheckpoint(tmp_path)
+    out = torch.empty(37, 5)
+    assert checkpoint.load("a", torch.float32, out=out) is out
+    assert torch.equal(out, a.float())
+    assert checkpoint.load("a", torch.float32, out=torch.empty(5, 37)).shape == (37, 5)  # wrong shape: a new tensor
+
+
+def test_recycling_stream_gives_the_same_layers_and_scan(model_dir, monkeypatch):
+    checkpoint = open_checkpoint(model_dir)
+    reference = load_file(model_dir / "model.safetensors")
+    stream = LayerStream(checkpoint, recycle=True)
+    first = stream.layer_weights(0)
+    second = stream.layer_weights(1)
+    assert second["down"].data_ptr() == first["down"].data_ptr()  # the buffers really are reused
+    assert torch.equal(second["down"], reference["model.layers.1.mlp.down_proj.weight"])
+    recycled = scan(checkpoint).to_json()
+    assert [(c["layer"], c["row"], c["col"]) for c in recycled["candidates"]] == [(1, 7, 40)]
+    monkeypatch.setattr("swtool.detect.LayerStream", lambda *a, **k: LayerStream(*a, **{**k, "recycle": False}))
+    assert scan(open_checkpoint(model_dir)).to_json() == recycled
