@@ -5,9 +5,9 @@
 
 1. Writes a random Llama-shaped checkpoint (bf16, normal std 0.02, norms 1,
    sharded with an index, byte-level tokenizer) one tensor at a time through
-   swtool's streaming `ShardedWriter`, with super weights planted as in
-   tests/tiny.py: W_down[row, col] large and gate/up rows `col` amplified so
-   channel `col` carries a big input.
+   swtool's streaming `ShardedWriter`, with super weights planted much as in
+   tests/tiny.py: W_down[row, col] large, and gate/up rows `col` made to give
+   channel `col` a big input (see CARRIER_CHANNEL, TRIGGER and FEED).
 2. Runs each tool in its own child process under /usr/bin/time, which takes
    wall time, CPU time and peak RSS from the operating system: `cat` of every
    file (the plain read), `swtool scan DIR --json`, and transformers loading the
@@ -44,8 +44,7 @@ from swtool.checkpoint.atomic import atomic_output
 from swtool.checkpoint.safetensors_out import PlannedTensor, ShardedWriter, parse_size
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from tiny import write_tokenizer  # noqa: E402  (the byte-level tokenizer the tests use)
+sys.path.insert(0, str(HERE.parent / "fixtures"))
 
 Coord = tuple[int, int, int]
 
@@ -72,13 +71,13 @@ PRESETS: dict[str, dict] = {
     ),
 }
 STD = 0.02
-HEAD_STD = 0.05
-"""lm_head only: logits get a spread of ~2-3 like a trained model's. At 0.02 the random model's next-token
-distributions are nearly flat, and no single weight can shift them by the 0.5 nats a super weight must."""
+CARRIER_CHANNEL, CARRIER_VALUE = 7, 8.0
+"""Every token's embedding has CARRIER_VALUE in this channel, a hidden dimension that all tokens share
+(as trained models have), so the first planted weight's input can fire on every token of any prompt."""
+TRIGGER = 3.0
+"""gate/up[col, CARRIER_CHANNEL] of the first planted weight: x[:, col] at its down_proj input is ~175 on every token."""
 SUPER_VALUE = 8.0
 """W_down[row, col] of the first planted super weight (the other weights are ~0.02)."""
-GAIN = 25.0
-"""Factor on its gate_proj and up_proj rows `col`, so x[:, col] at the down_proj input is a few hundred."""
 FEED = 1.0
 FED_VALUE = 32.0
 """Later planted weights are fed by the previous one's super activation: gate/up[col, previous row] = FEED,
@@ -135,15 +134,14 @@ def make_tensor(planned: PlannedTensor, seed: int, planted: list[Coord]) -> torc
     if len(planned.shape) == 1:
         return torch.ones(planned.shape, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(seed)
-    std = HEAD_STD if planned.name == "lm_head.weight" else STD
-    weight = torch.randn(planned.shape, generator=generator, dtype=torch.float32).mul_(std)
+    weight = torch.randn(planned.shape, generator=generator, dtype=torch.float32).mul_(STD)
+    if planned.name == "model.embed_tokens.weight":
+        weight[:, CARRIER_CHANNEL] = CARRIER_VALUE
     for index, (layer, row, col) in enumerate(planted):
         p = f"model.layers.{layer}.mlp."
         if planned.name in (p + "gate_proj.weight", p + "up_proj.weight"):
-            if index == 0:
-                weight[col] *= GAIN
-            else:
-                weight[col, planted[index - 1][1]] = FEED
+            source = CARRIER_CHANNEL if index == 0 else planted[index - 1][1]
+            weight[col, source] = TRIGGER if index == 0 else FEED
         elif planned.name == p + "down_proj.weight":
             weight[row, col] = SUPER_VALUE if index == 0 else FED_VALUE
     return weight.to(torch.bfloat16)
@@ -151,7 +149,7 @@ def make_tensor(planned: PlannedTensor, seed: int, planted: list[Coord]) -> torc
 
 def write_checkpoint(directory: Path, spec: dict, max_shard: str, seed: int = 0) -> float:
     """Write the checkpoint one tensor at a time; return the seconds it took. Reused when already there."""
-    stamp = {k: v for k, v in spec.items()} | {"std": STD, "head_std": HEAD_STD, "value": SUPER_VALUE, "gain": GAIN, "feed": FEED, "fed_value": FED_VALUE, "seed": seed, "max_shard": max_shard}
+    stamp = {k: v for k, v in spec.items()} | {"std": STD, "value": SUPER_VALUE, "carrier": [CARRIER_CHANNEL, CARRIER_VALUE], "trigger": TRIGGER, "feed": FEED, "fed_value": FED_VALUE, "tokenizer": "bpe-wiki-2MB", "seed": seed, "max_shard": max_shard}
     marker = directory / "bench.json"
     if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(stamp)):
         return 0.0
@@ -169,6 +167,22 @@ def write_checkpoint(directory: Path, spec: dict, max_shard: str, seed: int = 0)
                 os.fsync(handle.fileno())
         (temp / "bench.json").write_text(json.dumps(stamp, indent=2) + "\n")
     return time.perf_counter() - start
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A byte-level BPE trained on 2 MB of Wikipedia (fixtures/fetch.py): the default prompt is then
+    11 tokens, as with real tokenizers (SmolLM2's gives 9), not 39 single bytes. The forward's cost
+    is proportional to the token count, so this matters for every time in the benchmark."""
+    from fetch import wiki_text
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(wiki_text(2_000_000).split("\n"), trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
 
 
 def parameter_count(spec: dict) -> int:
@@ -261,8 +275,11 @@ def measure(tool: str, argv: list[str], directory: Path, cache: str) -> Run:
     return run
 
 
+CACHES = ["cold", "warm"]
+
+
 def cold_and_warm(tool: str, argv: list[str], directory: Path) -> list[Run]:
-    return [measure(tool, argv, directory, "cold"), measure(tool, argv, directory, "warm")]
+    return [measure(tool, argv, directory, cache) for cache in CACHES]
 
 
 def swtool_command() -> list[str]:
@@ -318,10 +335,12 @@ def main() -> None:
     parser.add_argument("--depth-check", action=argparse.BooleanOptionalAction, default=None,
                         help="also scan a twin with half the layers (default: on for 1.1b)")
     parser.add_argument("--transformers", default="fp32,bf16", help="comma-separated dtypes for the reference, or 'none'")
+    parser.add_argument("--caches", default="cold,warm", help="which runs to make: cold, warm or both (warm right after cold)")
     parser.add_argument("--delete", action="store_true", help="delete the written checkpoints at the end")
     parser.add_argument("--json-out", type=Path, help="also write every measurement here")
     args = parser.parse_args()
 
+    CACHES[:] = args.caches.split(",")
     spec = dict(PRESETS[args.preset])
     if args.layers:
         spec["num_hidden_layers"] = args.layers
@@ -378,7 +397,7 @@ def report(name: str, spec: dict, runs: list[Run], twin_runs: list[Run], skipped
         print(f"| {r.tool:<26} | {r.cache:<5} | {r.wall_s:6.1f} | {r.cpu_s:5.1f} | {r.peak_rss_mb:11.0f} | {r.load_before:4.1f} |")
     for tool, reason in skipped.items():
         print(f"| {tool:<26} | skipped: {reason}")
-    for cache in ("cold", "warm"):
+    for cache in CACHES:
         scan = by[("swtool scan", cache)]
         ok, found = check_scan(scan, [tuple(c) for c in spec["planted"]])
         print(f"\n[{cache}] planted {spec['planted']}: {'FOUND exactly' if ok else 'NOT found'} (scan reported {found})")

@@ -43,7 +43,7 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "BOOL": (np.dtype("?"), torch.bool),
 }
 
-READ_BLOCK_BYTES = 4 * 1024 * 1024
+READ_BLOCK_BYTES = 16 * 1024 * 1024
 
 SHARD_PATTERN = re.compile(r".*-\d+-of-\d+\.safetensors$")
 
