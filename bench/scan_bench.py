@@ -74,8 +74,11 @@ STD = 0.02
 CARRIER_CHANNEL, CARRIER_VALUE = 7, 8.0
 """Every token's embedding has CARRIER_VALUE in this channel, a hidden dimension that all tokens share
 (as trained models have), so the first planted weight's input can fire on every token of any prompt."""
-TRIGGER = 3.0
-"""gate/up[col, CARRIER_CHANNEL] of the first planted weight: x[:, col] at its down_proj input is ~175 on every token."""
+TRIGGER_PER_2048 = 3.0
+"""gate/up[col, CARRIER_CHANNEL] of the first planted weight, per 2048 hidden channels: x[:, col] at its
+down_proj input is then ~175 on every token (1.1B). Scaled with the width because the residual stream's
+RMS grows with it at std 0.02, which dilutes the carrier after the norm (at 3.0 the 7B's spike was 90x
+its layer's median, under the scan's 100x)."""
 SUPER_VALUE = 8.0
 """W_down[row, col] of the first planted super weight (the other weights are ~0.02)."""
 FEED = 1.0
@@ -141,7 +144,7 @@ def make_tensor(planned: PlannedTensor, seed: int, planted: list[Coord]) -> torc
         p = f"model.layers.{layer}.mlp."
         if planned.name in (p + "gate_proj.weight", p + "up_proj.weight"):
             source = CARRIER_CHANNEL if index == 0 else planted[index - 1][1]
-            weight[col, source] = TRIGGER if index == 0 else FEED
+            weight[col, source] = TRIGGER_PER_2048 * planned.shape[1] / 2048 if index == 0 else FEED
         elif planned.name == p + "down_proj.weight":
             weight[row, col] = SUPER_VALUE if index == 0 else FED_VALUE
     return weight.to(torch.bfloat16)
@@ -149,7 +152,7 @@ def make_tensor(planned: PlannedTensor, seed: int, planted: list[Coord]) -> torc
 
 def write_checkpoint(directory: Path, spec: dict, max_shard: str, seed: int = 0) -> float:
     """Write the checkpoint one tensor at a time; return the seconds it took. Reused when already there."""
-    stamp = {k: v for k, v in spec.items()} | {"std": STD, "value": SUPER_VALUE, "carrier": [CARRIER_CHANNEL, CARRIER_VALUE], "trigger": TRIGGER, "feed": FEED, "fed_value": FED_VALUE, "tokenizer": "bpe-wiki-2MB", "seed": seed, "max_shard": max_shard}
+    stamp = {k: v for k, v in spec.items()} | {"std": STD, "value": SUPER_VALUE, "carrier": [CARRIER_CHANNEL, CARRIER_VALUE], "trigger_per_2048": TRIGGER_PER_2048, "feed": FEED, "fed_value": FED_VALUE, "tokenizer": "bpe-wiki-2MB", "seed": seed, "max_shard": max_shard}
     marker = directory / "bench.json"
     if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(stamp)):
         return 0.0
@@ -403,12 +406,16 @@ def report(name: str, spec: dict, runs: list[Run], twin_runs: list[Run], skipped
         print(f"\n[{cache}] planted {spec['planted']}: {'FOUND exactly' if ok else 'NOT found'} (scan reported {found})")
         read = by[("read (cat)", cache)]
         print(f"[{cache}] scan time / plain read time = {scan.wall_s / read.wall_s:.2f} (target <= 3)")
+        print(f"[{cache}] scan CPU s / plain read wall s = {scan.cpu_s / read.wall_s:.2f} (what a quiet machine would give)")
         for dtype in ("fp32", "bf16"):
             ref = by.get((f"transformers {dtype}", cache))
             if ref is None or ref.status != 0:
                 continue
+            layers = json.loads(ref.output)["layers"]
+            seen = [(layer, layers[layer]["out_channel"]) for layer, _, _ in spec["planted"]]
+            print(f"[{cache}] transformers {dtype} hooks: down_proj output maxima at planted layers in channels {seen}")
             print(f"[{cache}] vs transformers {dtype}: RSS ratio {scan.peak_rss_mb / ref.peak_rss_mb:.3f} (target < 0.15), "
-                  f"time ratio {scan.wall_s / ref.wall_s:.2f} (target <= 0.5)")
+                  f"time ratio {scan.wall_s / ref.wall_s:.2f} (target <= 0.5), CPU time ratio {scan.cpu_s / ref.cpu_s:.2f}")
         twin = [r for r in twin_runs if r.cache == cache]
         if twin:
             print(f"[{cache}] peak RSS {twin[0].tool.split()[-2]} layers {twin[0].peak_rss_mb:.0f} MB vs "
