@@ -189,11 +189,12 @@ class LayerStream:
         names = self.family.layer_tensors(self.config, layer)
         shapes = self.family.layer_shapes(self.config)
         weights = {}
+        previous, self._previous = dict(self._previous), {}  # each old buffer goes once refilled or replaced
         for role, name in names.items():
             if not self.checkpoint.has(name):
                 raise SwtoolError(f"{self.checkpoint.path}: tensor {name} (layer {layer}) is missing")
             self.checkpoint.check_shape(name, shapes[role])
-            weights[role] = self._get(name, self._previous.get(role))
+            weights[role] = self._get(name, previous.pop(role, None))
         if self.recycle:
             self._previous = weights
         return weights
