@@ -45,7 +45,7 @@ def render_scan(result: ScanResult) -> None:
     stderr.print(f"[bold]{result.model}[/] ({result.architecture}), prompt of {result.tokens} tokens, {result.passes} streamed passes")
     table = Table(title="Super weights", title_justify="left")
     for column in ("layer", "tensor", "row", "col", "value", "activation", "effect (KL, nats)"):
-        table.add_column(column, justify="right" if column not in ("tensor",) else "left")
+        table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold" if column == "tensor" else "ellipsis")
     for c in result.super_weights:
         tensor = c.tensor if c.expert is None else f"{c.tensor} (expert {c.expert})"
         table.add_row(str(c.layer), tensor, str(c.row), str(c.col), _fmt(c.value), _fmt(c.activation), _fmt(c.effect))
