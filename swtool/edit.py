@@ -16,6 +16,7 @@ from typing import TextIO
 import torch
 
 from swtool.arch import Family, family_of
+from swtool.checkpoint import PICKLE_SUFFIXES
 from swtool.checkpoint.base import Checkpoint
 from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
@@ -115,9 +116,14 @@ WEIGHT_FILES = ("model.safetensors.index.json",)
 
 
 def _copy_side_files(source: Path, target: Path) -> None:
-    """config.json, tokenizer files, generation config...: every regular file that is not a weight."""
+    """config.json, tokenizer files, generation config...: every regular file that is not a weight.
+
+    Pickled weights beside the safetensors are weights too: copied, they would carry the unedited
+    values into the edited checkpoint.
+    """
     for path in sorted(source.iterdir()):
-        if path.is_file() and path.suffix != ".safetensors" and path.name not in WEIGHT_FILES and not path.name.startswith("."):
+        weights = path.suffix in (".safetensors", *PICKLE_SUFFIXES) or path.name in WEIGHT_FILES
+        if path.is_file() and not weights and not path.name.startswith("."):
             shutil.copy2(path, target / path.name)
 
 

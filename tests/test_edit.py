@@ -138,3 +138,18 @@ def test_gguf_input_is_refused_clearly(smollm2_gguf, tmp_path):
         edit_checkpoint(checkpoint, tmp_path / "out.gguf", EditPlan(tuple(supers), zero_super=True))
     assert not (tmp_path / "out.gguf").exists()
 
+
+
+def test_side_files_are_copied_but_stale_pickled_weights_are_not(source, tmp_path):
+    import shutil
+
+    directory, scan_json = source
+    model = tmp_path / "model"
+    shutil.copytree(directory, model)
+    (model / "pytorch_model.bin").write_bytes(b"unedited pickled weights")
+    (model / "generation_config.json").write_text("{}")
+    out = tmp_path / "zeroed"
+    result = run("edit", model, "-o", out, "--zero-super", "--super", scan_json)
+    assert result.exit_code == 0, result.output
+    assert (out / "generation_config.json").read_text() == "{}"
+    assert (out / "config.json").is_file() and not (out / "pytorch_model.bin").exists()
