@@ -1,31 +1,39 @@
 """Data-free super weight detection: spikes at down_proj outputs, traced to single weights, verified by effect.
 
-Every pass streams the layers once with a batch of *variants* of the model;
-a variant is a set of down_proj weights considered zeroed. Zeroing weight
+One streamed pass runs a growing batch of *variants* of the model; a variant
+is a set of down projection weights considered zeroed. Zeroing weight
 [row, col] only removes `x[:, col] * W[row, col]` from output channel `row`,
-so variants share the loaded weights and differ only in that subtraction.
+so variants share the loaded weights and differ only in that subtraction. A
+variant that zeroes a weight of layer L equals its parent up to L, so it is
+forked from its parent's input to L when the pass finds the weight there, and
+layer L is run again for the new rows with the weights already in memory.
+Each layer is therefore read once, and one matrix product per projection
+serves every variant; running the whole layer (not patching its output) keeps
+post-MLP norms and routed experts exact.
 
-1. Pass 1 runs the original model, records each layer's extremes, and takes a
-   candidate from every layer whose output spike is massive relative to the
-   layer's median magnitude: row = spike channel, col = the input channel that
-   contributes most to it.
-2. Each later pass restarts at the earliest candidate's layer (earlier hidden
-   states are cached) with one variant per new candidate zeroed alone, plus one
-   with it and the candidates that revealed it zeroed. Final logits measure
-   each candidate's effect on the prompt's next-token predictions; spikes that
-   remain in a variant at coordinates not yet examined become new candidates.
-   A spike yields a candidate only if one weight contributes at least
-   `min_share` of it (distributed spikes have no single culprit).
-   With routed experts (Mixtral) every expert's down projection is examined
-   on its own, over only the tokens the router sent to it; a candidate then
-   names its expert (the "super expert").
-3. It stops when no new candidate appears (or after `max_rounds`). A candidate is
-   a super weight when zeroing it alone shifts the prompt's next-token
-   distributions (mean KL divergence, nats) by at least `min_effect` and by at
-   least `relative_effect` times the strongest candidate's shift. On SmolLM2 the
-   true super weight shifts them by ~5 nats and raises Wikipedia perplexity
-   7.5x; the next strongest spikes shift them by ~1.5 nats and change
-   perplexity by under 1.5x: a single prompt is noisy, so the bar is relative.
+1. Row 0 is the original model. It records each layer's extremes, and a layer
+   whose output spike is massive relative to its median magnitude yields a
+   candidate: row = spike channel, col = the input channel that contributes
+   most to it. A spike yields a candidate only if one weight contributes at
+   least `min_share` of it (distributed spikes have no single culprit). With
+   routed experts (Mixtral) every expert's down projection is examined on its
+   own, over only the tokens the router sent to it; a candidate then names its
+   expert (the "super expert").
+2. Each candidate forks a variant with it zeroed alone (forked from the
+   original row; its final logits measure the candidate's effect on the
+   prompt's next-token predictions) and, if it was found in a variant, one
+   with that variant's weights zeroed too (to look for what hides behind
+   them). Spikes in a variant at coordinates not yet examined become
+   candidates of the next round, up to `max_rounds`; at the end, candidates
+   found behind a weight whose own effect is below `min_effect` are dropped
+   (only weights that matter are worth looking behind).
+3. A candidate is a super weight when zeroing it alone shifts the prompt's
+   next-token distributions (mean KL divergence, nats) by at least
+   `min_effect` and by at least `relative_effect` times the strongest
+   candidate's shift. On SmolLM2 the true super weight shifts them by ~5 nats
+   and raises Wikipedia perplexity 7.5x; the next strongest spikes shift them
+   by ~1.5 nats and change perplexity by under 1.5x: a single prompt is noisy,
+   so the bar is relative.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from swtool.checkpoint.base import Checkpoint
-from swtool.forward import LayerStream
+from swtool.forward import LayerStream, intra_op_threads
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 Coord = tuple[int, int, int]
@@ -109,7 +117,8 @@ class ScanResult:
     tokens: int
     layers: list[LayerStats]
     candidates: list[Candidate]
-    passes: int
+    variants: int
+    """Batch rows of the single streamed pass: the original model plus one per verification variant."""
     settings: dict = field(default_factory=dict)
     name: str = ""
     """The model's own name (HF `_name_or_path`, GGUF `general.name`), or the file name without one."""
@@ -131,7 +140,7 @@ class ScanResult:
             "layers": [{**asdict(s), "ratio": _finite(s.ratio)} for s in self.layers],
             "super_weights": [row(c) for c in self.super_weights],
             "candidates": [row(c) for c in self.candidates],
-            "passes": self.passes,
+            "variants": self.variants,
             "settings": self.settings,
         }
 
@@ -142,14 +151,15 @@ def _finite(value):
     return value
 
 
-@dataclass
-class _Pass:
-    """What one streamed pass saw: per variant, its layer stats, its spikes and the probed activation."""
+@dataclass(frozen=True)
+class _Variant:
+    """One batch row of the pass: the weights it zeroes, and why it exists."""
 
-    stats: list[list[LayerStats]]
-    spikes: list[list[tuple]]
-    probed: list[float]
-    logits: torch.Tensor
+    zeroed: frozenset[Key]
+    source: Candidate | None
+    """The candidate this row measures or looks behind (None for the original model)."""
+    measures: bool
+    """True for the row with `source` zeroed alone: its logits give the source's effect."""
 
 
 class Detector:
@@ -170,7 +180,7 @@ class Detector:
         from swtool.tokenizer import encode
 
         self.checkpoint = checkpoint
-        self.stream = LayerStream(checkpoint, dtype=dtype, device=device, recycle=True)
+        self.stream = LayerStream(checkpoint, dtype=dtype, device=device)
         self.prompt = prompt
         self.token_ids = torch.tensor([encode(checkpoint, prompt)])
         self.min_ratio = min_ratio
@@ -178,63 +188,119 @@ class Detector:
         self.min_effect = min_effect
         self.relative_effect = relative_effect
         self.max_rounds = max_rounds
-        self.ancestors: dict[Key, frozenset[Key]] = {}
-        """For each candidate, the weights zeroed in the variant where its spike appeared."""
         self.progress = progress
-        self.inputs: list[torch.Tensor] = []
-        """Hidden state entering each layer in the original model (B=1), cached by pass 1."""
+        self.found_behind: dict[Key, Candidate | None] = {}
+        """For each candidate, the candidate whose variant revealed it (None: the original model)."""
 
-    # -- one streamed pass ------------------------------------------------------
+    # -- the streamed pass -------------------------------------------------------
 
-    def _pass(self, variants: list[frozenset[Key]], start: int, probes: list[Candidate | None]) -> _Pass:
-        """Run layers from `start` with one batch row per variant.
+    def run(self) -> ScanResult:
+        # The pass multiplies a few dozen rows at most: split across intra-op threads, every small
+        # op pays a fork and join (on SmolLM2 under load, 48 s with two threads against 8 s with
+        # one). The other core reads and converts the next layer (`LayerStream.walk`).
+        with intra_op_threads(1):
+            return self._run()
 
-        `probes[v]` names a candidate whose spike value (at its layer, token and
-        row) is read back from variant v, to show how far zeroing it lowered it.
-        """
-        batch = len(variants)
-        first = self.inputs[start] if self.inputs else self.stream.embed(self.token_ids)
-        h = first.expand(batch, -1, -1).clone()
-        stats: list[list[LayerStats]] = [[] for _ in variants]
-        spikes: list[list[tuple]] = [[] for _ in variants]
-        probed = [float("nan")] * batch
-        record_inputs = not self.inputs
-        zeroed_at: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
-        for v, keys in enumerate(variants):
-            for layer, expert, row, col in keys:
-                zeroed_at.setdefault((layer, expert), []).append((v, row, col))
+    def _run(self) -> ScanResult:
+        variants = [_Variant(frozenset(), None, measures=False)]
+        candidates: dict[Key, Candidate] = {}
+        stats: list[LayerStats] = []
+        h = self.stream.embed(self.token_ids)
         total = self.stream.config.num_layers
-        for layer in self.stream.layers(start):
-            if record_inputs:
-                self.inputs.append(h[:1].clone())
-            weights = self.stream.layer_weights(layer)
-
-            def hook(layer_index: int, x: torch.Tensor, y: torch.Tensor, expert: int | None = None, routed: torch.Tensor | None = None) -> torch.Tensor:
-                e = DENSE if expert is None else expert
-                down = weights["down" if expert is None else f"down.{expert}"]
-                y = y.clone()
-                for v, row, col in zeroed_at.get((layer_index, e), []):
-                    y[v, :, row] -= x[v, :, col] * down[row, col]
-                for v in range(batch):
-                    probe = probes[v]
-                    if probe is not None and probe.key[:2] == (layer_index, e):
-                        probed[v] = float(y[v, probe.token, probe.row])
-                    # An expert is judged on the tokens routed to it; the other rows are zeros.
-                    tokens = torch.arange(x.shape[1], device=x.device) if routed is None else routed[v].nonzero().flatten()
-                    if not len(tokens):
-                        continue
-                    xv, yv = x[v, tokens], y[v, tokens]
-                    stats[v].append(_layer_stats(layer_index, xv, yv, tokens, expert))
-                    spike = self._spike(layer_index, e, xv, yv, tokens, down, variants[v])
-                    if spike is not None:
-                        spikes[v].append(spike)
-                return y
-
-            h = self.stream.run_layer(layer, h, weights, hook=hook)
-            del weights
+        for layer, weights in self.stream.walk():
+            inputs, outputs = h, []
+            rows = list(range(len(variants)))
+            while rows:
+                forks: list[tuple[int, _Variant]] = []
+                hook = self._hook(weights, variants, rows, stats, candidates, forks)
+                outputs.append(self.stream.run_layer(layer, inputs[rows], weights, hook=hook))
+                # Forked rows enter this layer as their parent did, and run it with their weight zeroed.
+                rows = list(range(len(variants), len(variants) + len(forks)))
+                variants += [variant for _, variant in forks]
+                inputs = torch.cat([inputs, inputs[[parent for parent, _ in forks]]]) if forks else inputs
+            h = torch.cat(outputs)
             if self.progress:
                 self.progress(layer + 1, total)
-        return _Pass(stats, spikes, probed, self.stream.logits(h))
+        logits = self.stream.logits(h)
+        original_logp = F.log_softmax(logits[0].float(), dim=-1)
+        for index, variant in enumerate(variants):
+            if variant.measures:
+                self._measure(variant.source, logits[index], original_logp)
+        kept = {key: cand for key, cand in candidates.items() if self._worth_reporting(key)}
+        strongest = max((c.effect for c in kept.values() if c.effect == c.effect), default=0.0)
+        bar = max(self.min_effect, self.relative_effect * strongest)
+        for cand in kept.values():
+            cand.is_super = bool(cand.effect == cand.effect and cand.effect >= bar)
+        return ScanResult(
+            model=str(self.checkpoint.path),
+            architecture=self.stream.config.model_type,
+            prompt=self.prompt,
+            tokens=int(self.token_ids.shape[1]),
+            layers=stats,
+            candidates=sorted(kept.values(), key=lambda c: c.key),
+            variants=len(variants),
+            name=self.stream.config.name or (self.checkpoint.path.name if self.checkpoint.path.is_dir() else self.checkpoint.path.stem),
+            settings={
+                "min_ratio": self.min_ratio,
+                "min_share": self.min_share,
+                "min_effect": self.min_effect,
+                "relative_effect": self.relative_effect,
+                "effect_bar": bar,
+                "max_rounds": self.max_rounds,
+            },
+        )
+
+    def _hook(
+        self,
+        weights: dict[str, torch.Tensor],
+        variants: list[_Variant],
+        rows: list[int],
+        stats: list[LayerStats],
+        candidates: dict[Key, Candidate],
+        forks: list[tuple[int, _Variant]],
+    ) -> Callable[..., torch.Tensor]:
+        """The down projection hook for one run of a layer over the variants numbered `rows`.
+
+        It applies each row's zeroed weights, records the original model's statistics,
+        turns spikes into candidates and appends, for each, the rows to fork as
+        (the parent variant's number, new variant).
+        """
+        batch = [variants[v] for v in rows]
+
+        def hook(layer: int, x: torch.Tensor, y: torch.Tensor, expert: int | None = None, routed: torch.Tensor | None = None) -> torch.Tensor:
+            e = DENSE if expert is None else expert
+            down = weights["down" if expert is None else f"down.{expert}"]
+            y = y.clone()
+            for b, variant in enumerate(batch):
+                for z_layer, z_expert, row, col in variant.zeroed:
+                    if (z_layer, z_expert) == (layer, e):
+                        y[b, :, row] -= x[b, :, col] * down[row, col]
+            for b, variant in enumerate(batch):
+                probe = variant.source
+                if variant.measures and probe.key[:2] == (layer, e):
+                    probe.activation_after = float(y[b, probe.token, probe.row])
+                # An expert is judged on the tokens routed to it; the other rows are zeros.
+                tokens = torch.arange(x.shape[1], device=x.device) if routed is None else routed[b].nonzero().flatten()
+                if not len(tokens):
+                    continue
+                xv, yv = x[b, tokens], y[b, tokens]
+                if rows[b] == 0:
+                    stats.append(_layer_stats(layer, xv, yv, tokens, expert))
+                spike = self._spike(layer, e, xv, yv, tokens, down, variant.zeroed)
+                for cand in self._new_candidates([spike] if spike else [], variant, candidates):
+                    if cand.round > self.max_rounds:
+                        continue
+                    forks.append((0, _Variant(frozenset([cand.key]), cand, measures=True)))
+                    if variant.zeroed:
+                        forks.append((rows[b], _Variant(variant.zeroed | {cand.key}, cand, measures=False)))
+            return y
+
+        return hook
+
+    def _worth_reporting(self, key: Key) -> bool:
+        """Found in the original model, or behind a weight that matters and is itself worth reporting."""
+        source = self.found_behind[key]
+        return source is None or (source.effect >= self.min_effect and self._worth_reporting(source.key))
 
     def _spike(self, layer: int, expert: int, x: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor, down: torch.Tensor, zeroed: frozenset[Key]) -> tuple | None:
         """The spike of one variant's down output (rows = `tokens` of the prompt), traced to its largest contributor."""
@@ -252,62 +318,13 @@ class Detector:
         share = float(contribution[col] / y[index, row])
         return ((layer, expert, row, col), int(tokens[index]), float(y[index, row]), float(x[index, col]), peak / max(median, 1e-12), share)
 
-    # -- the whole search -------------------------------------------------------
-
-    def run(self) -> ScanResult:
-        original = self._pass([frozenset()], 0, [None])
-        original_logp = F.log_softmax(original.logits[0].float(), dim=-1)
-        candidates: dict[Key, Candidate] = {}
-        new = self._new_candidates(original.spikes[0], frozenset(), candidates, round_=1)
-        passes = 1
-        while new and passes <= self.max_rounds:
-            # One variant per new candidate zeroed alone (its effect), and one with the
-            # candidates that revealed it zeroed too (to look for what hides behind them).
-            sources = [*new, *[c for c in new if self.ancestors[c.key]]]
-            variants = [frozenset([c.key]) for c in new]
-            variants += [self.ancestors[c.key] | {c.key} for c in new if self.ancestors[c.key]]
-            start = min(key[0] for variant in variants for key in variant)
-            result = self._pass(variants, start, [*new, *[None] * (len(variants) - len(new))])
-            passes += 1
-            for index, cand in enumerate(new):
-                self._measure(cand, result.logits[index], original_logp)
-                cand.activation_after = result.probed[index]
-            # Only weights that matter are worth looking behind.
-            new = [
-                found
-                for source, variant, spikes in zip(sources, variants, result.spikes)
-                if source.effect >= self.min_effect
-                for found in self._new_candidates(spikes, variant, candidates, round_=passes)
-            ]
-        strongest = max((c.effect for c in candidates.values() if c.effect == c.effect), default=0.0)
-        bar = max(self.min_effect, self.relative_effect * strongest)
-        for cand in candidates.values():
-            cand.is_super = bool(cand.effect == cand.effect and cand.effect >= bar)
-        return ScanResult(
-            model=str(self.checkpoint.path),
-            architecture=self.stream.config.model_type,
-            prompt=self.prompt,
-            tokens=int(self.token_ids.shape[1]),
-            layers=original.stats[0],
-            candidates=sorted(candidates.values(), key=lambda c: c.key),
-            passes=passes,
-            name=self.stream.config.name or (self.checkpoint.path.name if self.checkpoint.path.is_dir() else self.checkpoint.path.stem),
-            settings={
-                "min_ratio": self.min_ratio,
-                "min_share": self.min_share,
-                "min_effect": self.min_effect,
-                "relative_effect": self.relative_effect,
-                "effect_bar": bar,
-                "max_rounds": self.max_rounds,
-            },
-        )
-
-    def _new_candidates(self, spikes: list[tuple], zeroed: frozenset[Key], known: dict[Key, Candidate], round_: int) -> list[Candidate]:
+    def _new_candidates(self, spikes: list[tuple], variant: _Variant, known: dict[Key, Candidate]) -> list[Candidate]:
         fresh = []
+        round_ = 1 if variant.source is None else variant.source.round + 1
         for key, token, activation, x_value, ratio, share in spikes:
             if key in known or abs(share) < self.min_share:
                 continue
-            self.ancestors[key] = zeroed
+            self.found_behind[key] = variant.source
             layer, e, row, col = key
             expert = None if e == DENSE else e
             down = self.stream.family.down_tensor(self.stream.config, layer, expert)

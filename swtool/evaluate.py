@@ -139,8 +139,7 @@ def stream_windows(
     for part in batches(len(windows), batch):
         hidden[part] = stream.embed(windows[part]).float().cpu()
     total = stream.config.num_layers
-    for layer in stream.layers():
-        weights = stream.layer_weights(layer)
+    for layer, weights in stream.walk():
         if weights_hook is not None:
             weights = weights_hook(layer, weights)
         for part in batches(len(windows), batch):

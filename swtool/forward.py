@@ -18,7 +18,9 @@ sent to that expert; the other tokens' rows of the input and output are zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set for a block, and restored after it (it is process-wide)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def causal_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor:
     """True where query i may attend key j: j <= i, and within the sliding window if any."""
     i = torch.arange(length, device=device)[:, None]
@@ -139,15 +152,9 @@ class LayerStream:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         input_hook: InputHook | None = None,
-        recycle: bool = False,
     ):
-        """`recycle`: each `layer_weights` call refills the previous call's tensors instead of
-        allocating new ones (twice as fast to load), so a layer's weights are valid only until
-        the next layer is loaded. For callers that walk the layers and let each one go."""
         self.checkpoint = checkpoint
         self.input_hook = input_hook
-        self.recycle = recycle
-        self._previous: dict[str, torch.Tensor] = {}
         self.config = checkpoint.config
         self.family: Family = family_of(self.config)
         self.dtype = dtype
@@ -185,19 +192,39 @@ class LayerStream:
             rows = rows * torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
         return rows.to(self.device)[inverse]
 
-    def layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
+    def layer_weights(self, layer: int, reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """One layer's tensors by role. `reuse`: another layer's weights, whose buffers are
+        refilled where the format allows (twice as fast as fresh memory) and taken out of
+        `reuse` one by one, so each old tensor is freed as soon as its role is loaded."""
         names = self.family.layer_tensors(self.config, layer)
         shapes = self.family.layer_shapes(self.config)
+        spare = reuse if reuse is not None else {}
         weights = {}
-        previous, self._previous = dict(self._previous), {}  # each old buffer goes once refilled or replaced
         for role, name in names.items():
             if not self.checkpoint.has(name):
                 raise SwtoolError(f"{self.checkpoint.path}: tensor {name} (layer {layer}) is missing")
             self.checkpoint.check_shape(name, shapes[role])
-            weights[role] = self._get(name, previous.pop(role, None))
-        if self.recycle:
-            self._previous = weights
+            weights[role] = self._get(name, spare.pop(role, None))
         return weights
+
+    def walk(self, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Each layer from `start` with its weights, the next layer loading on a second thread meanwhile.
+
+        Reading and converting a layer overlaps the caller's work on the previous
+        one, so a scan costs about the larger of the two, not their sum. Two layers'
+        buffers take turns: the weights yielded for a layer are valid until the
+        caller asks for the next one. Memory is two layers plus activations.
+        """
+        with ThreadPoolExecutor(1, thread_name_prefix="swtool-prefetch") as pool:
+            layers = self.layers(start)
+            pending = pool.submit(self.layer_weights, layers[0]) if layers else None
+            done: dict[str, torch.Tensor] | None = None
+            for index, layer in enumerate(layers):
+                weights = pending.result()
+                if index + 1 < len(layers):
+                    pending = pool.submit(self.layer_weights, layers[index + 1], done)
+                yield layer, weights
+                done = weights
 
     def is_sliding(self, layer: int) -> bool:
         c = self.config

@@ -42,7 +42,7 @@ def _fmt(value: float) -> str:
 
 
 def render_scan(result: ScanResult) -> None:
-    stderr.print(f"[bold]{result.model}[/] ({result.architecture}), prompt of {result.tokens} tokens, {result.passes} streamed passes")
+    stderr.print(f"[bold]{result.model}[/] ({result.architecture}), prompt of {result.tokens} tokens, one streamed pass with {result.variants} variants")
     table = Table(title="Super weights", title_justify="left")
     for column in ("layer", "tensor", "row", "col", "value", "activation", "effect (KL, nats)"):
         table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold" if column == "tensor" else "ellipsis")

@@ -44,7 +44,7 @@ TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(
 
 def close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     scale = max(1.0, float(ref.abs().max()))
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4 * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(ours.cpu(), ref, rtol=0, atol=1e-4 * scale, msg=lambda m: f"{what}: {m}")
 
 
 def reference(model: torch.nn.Module, tokens: torch.Tensor) -> dict:
@@ -111,10 +111,11 @@ def test_phi3_longrope_matches_transformers(tmp_path, length):
     check_against_transformers(tmp_path, "phi3", LONGROPE, TOKENS[:, :length])
 
 
-def check_against_transformers(tmp_path, family: str, overrides: dict, tokens: torch.Tensor) -> None:
+def check_against_transformers(tmp_path, family: str, overrides: dict, tokens: torch.Tensor, device: str = "cpu") -> None:
+    """swtool's forward on `device` against transformers' on the CPU."""
     model = build(family, tmp_path, **overrides)
     ref = reference(model, tokens)
-    stream = LayerStream(open_checkpoint(tmp_path))
+    stream = LayerStream(open_checkpoint(tmp_path), device=device)
     assert stream.config.num_layers == len(model.model.layers)
     downs = {}
 

@@ -1,4 +1,4 @@
-"""The safetensors reader's file reads and the stream's recycled buffers give the same tensors as before.
+"""The safetensors reader's file reads and the stream's reused buffers give the same tensors as before.
 
 bench/scan_bench.py showed a scan through memory maps grew to the model's size
 and spent more time in page faults than in conversion; these check that the
@@ -45,15 +45,20 @@ def test_rows_and_whole_tensors_match_the_reference_loader(model_dir, tmp_path, 
     assert checkpoint.load("a", torch.float32, out=torch.empty(5, 37)).shape == (37, 5)  # wrong shape: a new tensor
 
 
-def test_recycling_stream_gives_the_same_layers_and_scan(model_dir, monkeypatch):
+def test_reused_buffers_and_the_prefetching_walk_give_the_same_layers(model_dir):
     checkpoint = open_checkpoint(model_dir)
     reference = load_file(model_dir / "model.safetensors")
-    stream = LayerStream(checkpoint, recycle=True)
+    stream = LayerStream(checkpoint)
     first = stream.layer_weights(0)
-    second = stream.layer_weights(1)
-    assert second["down"].data_ptr() == first["down"].data_ptr()  # the buffers really are reused
+    pointer = first["down"].data_ptr()
+    second = stream.layer_weights(1, reuse=first)
+    assert second["down"].data_ptr() == pointer and first == {}  # the buffers really are reused, and handed over
     assert torch.equal(second["down"], reference["model.layers.1.mlp.down_proj.weight"])
-    recycled = scan(checkpoint).to_json()
-    assert [(c["layer"], c["row"], c["col"]) for c in recycled["candidates"]] == [(1, 7, 40)]
-    monkeypatch.setattr("swtool.detect.LayerStream", lambda *a, **k: LayerStream(*a, **{**k, "recycle": False}))
-    assert scan(open_checkpoint(model_dir)).to_json() == recycled
+    pointers = []
+    for layer, weights in stream.walk():  # the next layer loads on another thread while these are compared
+        fresh = stream.layer_weights(layer)
+        assert weights.keys() == fresh.keys() and all(torch.equal(weights[role], fresh[role]) for role in fresh)
+        pointers.append(weights["down"].data_ptr())
+    assert len(pointers) == checkpoint.config.num_layers >= 3
+    assert pointers[2] == pointers[0] != pointers[1]  # two layers' buffers take turns
+    assert [(c.layer, c.row, c.col) for c in scan(checkpoint).candidates] == [(1, 7, 40)]

@@ -13,8 +13,10 @@ scanned into nonsense; `allow_nonfinite` lets such weights through.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,11 @@ class Checkpoint(ABC):
     def has(self, name: str) -> bool:
         return name in self._entries
 
+    @cached_property
+    def _read_lock(self) -> threading.Lock:
+        """Reads share file handles and a staging buffer; a layer prefetched on another thread must not interleave with them."""
+        return threading.Lock()
+
     def load(self, name: str, dtype: torch.dtype = torch.float32, rows: Rows = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor (or `rows` of it) in `dtype`.
 
@@ -79,14 +86,11 @@ class Checkpoint(ABC):
         if not self.has(name):
             raise SwtoolError(f"{self.path}: tensor {name} not found")
         reusable = out is not None and rows is None and out.dtype == dtype and out.is_contiguous() and tuple(out.shape) == tuple(self.shape(name))
-        if reusable and self._read_into(name, out):
-            if not self.allow_nonfinite:
-                self._check_finite(name, out, None)
-            return out
-        tensor = self._read(name, rows)
+        with self._read_lock:
+            tensor = out if reusable and self._read_into(name, out) else self._read(name, rows)
         if not self.allow_nonfinite:
             self._check_finite(name, tensor, rows)
-        return tensor.to(dtype)
+        return tensor if tensor is out else tensor.to(dtype)
 
     def _check_finite(self, name: str, tensor: torch.Tensor, rows: Rows) -> None:
         """Refuse NaN/Inf, naming the tensor and the first bad element; a sum is the fast path."""
