@@ -248,6 +248,8 @@ class Run:
 
 
 TIME = "/usr/bin/time"
+PIN: list[str] = []
+"""`taskset -c CPUS` before every measured command (--cpus): a two-core machine's figures on a bigger one."""
 
 
 def measure(tool: str, argv: list[str], directory: Path, cache: str) -> Run:
@@ -262,7 +264,7 @@ def measure(tool: str, argv: list[str], directory: Path, cache: str) -> Run:
     resident = resident_fraction(directory)
     load = os.getloadavg()[0]
     with tempfile.NamedTemporaryFile("r") as stats, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        status = subprocess.call([TIME, "-q", "-f", "%e %U %S %M", "-o", stats.name, *argv], stdout=out, stderr=err)
+        status = subprocess.call([TIME, "-q", "-f", "%e %U %S %M", "-o", stats.name, *PIN, *argv], stdout=out, stderr=err)
         wall, user, system, rss_kb = stats.read().split()[-4:]
         out.seek(0)
         err.seek(0)
@@ -341,7 +343,10 @@ def main() -> None:
     parser.add_argument("--caches", default="cold,warm", help="which runs to make: cold, warm or both (warm right after cold)")
     parser.add_argument("--delete", action="store_true", help="delete the written checkpoints at the end")
     parser.add_argument("--json-out", type=Path, help="also write every measurement here")
+    parser.add_argument("--cpus", help="run every measured command on these CPUs only (taskset -c), e.g. 0,1")
     args = parser.parse_args()
+    if args.cpus:
+        PIN[:] = ["taskset", "-c", args.cpus]
 
     CACHES[:] = args.caches.split(",")
     spec = dict(PRESETS[args.preset])

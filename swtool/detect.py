@@ -349,7 +349,7 @@ class Detector:
     def _measure(self, cand: Candidate, logits: torch.Tensor, original_logp: torch.Tensor) -> None:
         logp = F.log_softmax(logits.float(), dim=-1)
         cand.effect = float((original_logp.exp() * (original_logp - logp)).sum(-1).mean())
-        targets = self.token_ids[0, 1:]
+        targets = self.token_ids[0, 1:].to(logp.device)
         if len(targets):
             before = -original_logp[:-1].gather(-1, targets[:, None]).mean()
             after = -logp[:-1].gather(-1, targets[:, None]).mean()

@@ -13,10 +13,8 @@ scanned into nonsense; `allow_nonfinite` lets such weights through.
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +68,8 @@ class Checkpoint(ABC):
     def has(self, name: str) -> bool:
         return name in self._entries
 
-    @cached_property
-    def _read_lock(self) -> threading.Lock:
-        """Reads share file handles and a staging buffer; a layer prefetched on another thread must not interleave with them."""
-        return threading.Lock()
-
     def load(self, name: str, dtype: torch.dtype = torch.float32, rows: Rows = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor (or `rows` of it) in `dtype`.
+        """The tensor (or `rows` of it) in `dtype`. Safe to call from several threads at once.
 
         `out`, when it has the whole tensor's shape and `dtype`, may receive the values and
         be returned instead of a new tensor (where the format supports it): a fresh tensor of
@@ -86,8 +79,7 @@ class Checkpoint(ABC):
         if not self.has(name):
             raise SwtoolError(f"{self.path}: tensor {name} not found")
         reusable = out is not None and rows is None and out.dtype == dtype and out.is_contiguous() and tuple(out.shape) == tuple(self.shape(name))
-        with self._read_lock:
-            tensor = out if reusable and self._read_into(name, out) else self._read(name, rows)
+        tensor = out if reusable and self._read_into(name, out) else self._read(name, rows)
         if not self.allow_nonfinite:
             self._check_finite(name, tensor, rows)
         return tensor if tensor is out else tensor.to(dtype)

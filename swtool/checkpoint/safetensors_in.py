@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -205,7 +207,8 @@ class SafetensorsCheckpoint(Checkpoint):
         self._entries: dict[str, TensorEntry] = shard_map(directory)
         self.files = sorted({e.file for e in self._entries.values()})
         self._handles: dict[Path, BinaryIO] = {}
-        self._staging = np.empty(READ_BLOCK_BYTES, np.uint8)
+        self._opening = threading.Lock()
+        self._local = threading.local()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name].shape
@@ -217,9 +220,17 @@ class SafetensorsCheckpoint(Checkpoint):
         return self._entries[name].dtype
 
     def _handle(self, file: Path) -> BinaryIO:
-        if file not in self._handles:
-            self._handles[file] = file.open("rb", buffering=0)
-        return self._handles[file]
+        with self._opening:
+            if file not in self._handles:
+                self._handles[file] = file.open("rb", buffering=0)
+            return self._handles[file]
+
+    @property
+    def _staging(self) -> np.ndarray:
+        """One staging block per thread, reused for every tensor that thread reads."""
+        if not hasattr(self._local, "staging"):
+            self._local.staging = np.empty(READ_BLOCK_BYTES, np.uint8)
+        return self._local.staging
 
     def _read(self, name: str, rows: Rows) -> torch.Tensor:
         entry = self._entries[name]
@@ -253,11 +264,10 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _read_span(self, file: Path, offset: int, into: np.ndarray) -> None:
         view = memoryview(into).cast("B")
-        handle = self._handle(file)
-        handle.seek(offset)
+        descriptor = self._handle(file).fileno()
         done = 0
         while done < len(view):
-            count = handle.readinto(view[done:])
+            count = os.preadv(descriptor, [view[done:]], offset + done)  # no shared file position: threads may read at once
             if not count:
                 raise SwtoolError(f"{file}: file ended while reading tensor data (truncated since it was opened?)")
             done += count
