@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from swtool.errors import SwtoolError
 
@@ -25,6 +26,45 @@ app = typer.Typer(
     help="Find, protect and study the super weights of LLM checkpoints, streamed layer by layer.",
 )
 
+
+
+class OptionalValueCommand(TyperCommand):
+    """A command whose options in `optional_values` may be given without their value.
+
+    Typer (unlike click) has no options with an optional value, so before parsing a bare
+    `--smoothquant` (followed by nothing, another option or a non-number such as MODEL) gets its
+    default written after it: `--smoothquant` means `--smoothquant 0.85`, `--smoothquant 0.5`
+    stays as it is. Arguments after `--` are left alone.
+    """
+
+    optional_values: dict[str, str] = {}
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, with_optional_values(args, self.optional_values))
+
+
+def with_optional_values(args: list[str], defaults: dict[str, str]) -> list[str]:
+    out: list[str] = []
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return out + args[index:]
+        out.append(arg)
+        if arg in defaults and not _is_number(args[index + 1] if index + 1 < len(args) else None):
+            out.append(defaults[arg])
+    return out
+
+
+def _is_number(arg: str | None) -> bool:
+    try:
+        float(arg)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class EvalCommand(OptionalValueCommand):
+    optional_values = {"--smoothquant": "0.85"}
+    """The paper's (and SmoothQuant's Llama recipe's) migration strength."""
 
 
 def _print_version(value: bool) -> None:
@@ -265,7 +305,7 @@ def quantize(
     guarded(run)
 
 
-@app.command("eval")
+@app.command("eval", cls=EvalCommand)
 def eval_(
     model: Annotated[Path, typer.Argument(help="HF model directory or GGUF file.")],
     text: Annotated[Path, typer.Option("--text", help="UTF-8 text file to measure perplexity on.")],
@@ -285,7 +325,7 @@ def eval_(
     a_bits: Annotated[Optional[int], typer.Option(help="Fake-quantize every linear input per token (RTN, symmetric).", rich_help_panel="Simulated quantization")] = None,
     a_granularity: Annotated[str, typer.Option(help="Activation scales: token (one per token) or tensor (one per window).", rich_help_panel="Simulated quantization")] = "token",
     keep_super_act: Annotated[bool, typer.Option("--keep-super-act", help="Hold each window's largest activation out of its group's quantization (data-free).", rich_help_panel="Simulated quantization")] = False,
-    smoothquant: Annotated[Optional[float], typer.Option(metavar="ALPHA", help="SmoothQuant baseline with this migration strength (the paper uses 0.85); calibrates on the text.", rich_help_panel="Simulated quantization")] = None,
+    smoothquant: Annotated[Optional[float], typer.Option(metavar="[ALPHA]", help="SmoothQuant baseline with this migration strength (bare --smoothquant: 0.85, the paper's); calibrates on the text.", rich_help_panel="Simulated quantization")] = None,
     calibration_windows: Annotated[int, typer.Option(help="Windows after the evaluated ones used to calibrate SmoothQuant.", rich_help_panel="Simulated quantization")] = 8,
 ) -> None:
     """Perplexity of MODEL on a text, streamed layer by layer (GPTQ-style non-overlapping windows)."""

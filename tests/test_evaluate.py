@@ -162,3 +162,31 @@ def test_eval_reads_a_quantized_directory(planted, tmp_path):
     original = perplexity(open_checkpoint(directory), windows)
     rounded = perplexity(open_checkpoint(quantized), windows)
     assert rounded != original and rounded == pytest.approx(original, abs=0.1)  # 8-bit: close, not equal
+
+
+def test_cli_smoothquant_alpha_is_optional(planted, tmp_path):
+    """`--smoothquant` alone is alpha 0.85 wherever it stands; `--smoothquant 0.5` and `=0.5` still give 0.5."""
+    from swtool.cli import with_optional_values
+
+    directory, _ = planted
+    text = tmp_path / "text.txt"
+    text.write_text("Hello world, hello swtool. " * 60)
+    common = ["--text", str(text), "--ctx", "64", "--max-windows", "2", "--calibration-windows", "2", "--json"]
+    alphas = {}
+    for args in (
+        ["eval", str(directory), *common, "--smoothquant"],  # last argument
+        ["eval", "--smoothquant", str(directory), *common],  # before MODEL
+        ["eval", str(directory), "--smoothquant", *common],  # before another option
+        ["eval", str(directory), *common, "--smoothquant", "0.5"],
+        ["eval", str(directory), *common, "--smoothquant=0.5"],
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+        doc = json.loads(result.stdout)
+        alphas.setdefault(doc["settings"]["smoothquant"], set()).add(doc["ppl"])
+    assert set(alphas) == {0.85, 0.5}
+    assert all(len(ppls) == 1 for ppls in alphas.values())  # the same alpha, wherever the bare flag stands, the same result
+    assert alphas[0.85] != alphas[0.5]
+    assert with_optional_values(["--smoothquant", "--", "--smoothquant"], {"--smoothquant": "0.85"}) == ["--smoothquant", "0.85", "--", "--smoothquant"]
+    result = CliRunner().invoke(app, ["eval", str(directory), *common, "--smoothquant", "1.5"])
+    assert result.exit_code == 2 and "between 0 and 1" in result.output
