@@ -415,8 +415,8 @@ def dequantize(
 
 @app.command()
 def edit(
-    model: Annotated[Path, typer.Argument(help="HF model directory (GGUF once swtool writes GGUF).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the edited checkpoint (same format as MODEL).")],
+    model: Annotated[Path, typer.Argument(help="HF model directory or GGUF file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the edited checkpoint, in MODEL's format: a directory, or OUT.gguf.")],
     zero_super: Annotated[bool, typer.Option("--zero-super", help="Set the super weights to zero.")] = False,
     scale_super: Annotated[Optional[float], typer.Option(help="Multiply the super weights by F.")] = None,
     zero_outliers: Annotated[int, typer.Option(help="Zero the N largest-magnitude weights of each linear tensor, super weights excepted.")] = 0,
@@ -429,8 +429,9 @@ def edit(
 
     def run() -> int:
         from swtool.checkpoint import open_checkpoint
+        from swtool.checkpoint.atomic import check_target
         from swtool.checkpoint.safetensors_out import parse_size
-        from swtool.edit import EditPlan, edit_checkpoint, find_super_weights
+        from swtool.edit import EditPlan, check_output, edit_checkpoint, find_super_weights
         from swtool.report import render_edit
 
         shard_bytes = parse_size(max_shard_size)
@@ -438,11 +439,13 @@ def edit(
         plan = EditPlan(zero_super=zero_super, scale_super=scale_super, zero_outliers=zero_outliers)
         if not plan.active:
             raise SwtoolError("nothing to do: give --zero-super, --scale-super or --zero-outliers")
+        check_output(checkpoint, output)  # refuse a bad OUT before the scan, not after it
+        check_target(output, [model], force)
         supers = find_super_weights(checkpoint, super_file, sys.stdin, required=plan.factor is not None)
         plan = EditPlan(tuple(supers), zero_super, scale_super, zero_outliers)
-        edit_checkpoint(checkpoint, output, plan, force=force, max_shard_bytes=shard_bytes)
+        notes = edit_checkpoint(checkpoint, output, plan, force=force, max_shard_bytes=shard_bytes)
         if not quiet:
-            render_edit(checkpoint, output, plan)
+            render_edit(checkpoint, output, plan, notes)
         return 0
 
     guarded(run)

@@ -1,18 +1,22 @@
 """Edits of single weights, the paper's ablations: zero or scale the super weights, prune other outliers.
 
 `edit_tensor` is the one definition of what an edit does to a tensor; `swtool
-edit` streams it over a checkpoint into a new one, and `swtool eval` applies it
-to each layer in memory, so an ablation can be measured without writing it.
+edit` streams it over a checkpoint into a new one in the input's format (an
+HF directory, or a GGUF file where only the GGML blocks holding an edited
+weight are re-encoded), and `swtool eval` applies it to each layer in memory,
+so an ablation can be measured without writing it.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import torch
 
 from swtool.arch import Family, family_of
@@ -147,13 +151,95 @@ def edit_safetensors(checkpoint: Checkpoint, directory: Path, plan: EditPlan, ma
     _copy_side_files(checkpoint.path, directory)
 
 
-def edit_checkpoint(checkpoint: Checkpoint, out: Path, plan: EditPlan, *, force: bool = False, max_shard_bytes: int = 5 * 10**9) -> None:
-    """Write the edited checkpoint at `out`, in the input's format, atomically."""
+WEIGHT_SUFFIXES = (".gguf", ".safetensors", *PICKLE_SUFFIXES)
+
+
+def check_output(checkpoint: Checkpoint, out: Path) -> None:
+    """edit writes the input's format: a GGUF input needs OUT.gguf, an HF input a directory not named like a weight file."""
+    suffix = out.suffix.lower()
+    if checkpoint.format == "gguf" and suffix != ".gguf":
+        raise SwtoolError(f"-o {out}: MODEL is a GGUF file and edit writes the input's format; name the output *.gguf")
+    if checkpoint.format != "gguf" and suffix in WEIGHT_SUFFIXES:
+        raise SwtoolError(
+            f"-o {out}: MODEL is a Hugging Face directory and edit writes the input's format (a directory), not {suffix}; "
+            "for GGUF, edit into a directory, then `swtool quantize DIR --format gguf`"
+        )
+
+
+def stored_edits(checkpoint: Checkpoint, plan: EditPlan, name: str, is_linear: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Where the plan changes canonical tensor `name` in a GGUF file, and to what: flat positions in the stored
+    tensor (Q/K rows in llama.cpp's permuted order, an expert's slice at its offset in the merged tensor) and values.
+
+    Edits touch 2-D projections only, so Gemma's `1 +` on norm weights never applies here.
+    """
+    from swtool.checkpoint.gguf_in import permute_qk, qk_heads
+
+    weight = checkpoint.load(name, torch.float32)
+    edited = edit_tensor(plan, name, weight, is_linear)
+    heads = qk_heads(checkpoint.family, checkpoint.config, name)
+    if heads is not None:
+        weight, edited = permute_qk(weight, heads), permute_qk(edited, heads)
+    changed = (weight != edited).reshape(-1).nonzero().reshape(-1)
+    expert = checkpoint.expert_of(name)
+    start = 0 if expert is None else expert * weight.numel()
+    return (changed + start).numpy(), edited.reshape(-1)[changed].numpy()
+
+
+def _edited_gguf_tensor(checkpoint: Checkpoint, plan: EditPlan, gguf_name: str, names: list[str], linear: Collection[str], target) -> np.ndarray:
+    """The new bytes of one stored tensor: its blocks holding an edit re-encoded, or all of it at `target`."""
+    from swtool.quant.ggml_edit import reencode, set_values
+
+    tensor = next(t for t in checkpoint.reader.tensors if t.name == gguf_name)
+    raw = np.fromfile(checkpoint.path, dtype=np.uint8, count=int(tensor.n_bytes), offset=int(tensor.data_offset))
+    edits = [stored_edits(checkpoint, plan, name, name in linear) for name in names]
+    positions = np.concatenate([p for p, _ in edits])
+    values = np.concatenate([v for _, v in edits])
+    qtype = tensor.tensor_type
+    if target is not None:
+        return reencode(raw, qtype, tuple(int(d) for d in reversed(tensor.shape)), positions, values, target)
+    return set_values(raw, qtype, positions, values) if len(positions) else raw
+
+
+def edit_gguf(checkpoint: Checkpoint, path: Path, plan: EditPlan, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Write the edited GGUF file at `path`; returns notes for the user (tensors re-encoded at another type).
+
+    Every key/value and every tensor the plan does not touch is copied byte for byte; in a touched
+    tensor only the GGML blocks holding a changed weight are re-encoded, at the stored type, unless
+    swtool has no encoder for that type (K-quants...): then the whole tensor is re-encoded at the
+    nearest type it has (see swtool.quant.ggml_edit). The input's `swtool.*` keys described how
+    the input was made; they are replaced by this edit's provenance.
+    """
+    from swtool.checkpoint.gguf_copy import Replacement, copy_gguf
+    from swtool.quant.ggml_edit import fallback_type
+
+    linear = linear_layers(checkpoint)
+    members: dict[str, list[str]] = {}
+    for name in checkpoint.names():
+        if plan.touches(name, linear):
+            members.setdefault(checkpoint.stored_name(name), []).append(name)
+    stored = {t.name: t for t in checkpoint.reader.tensors}
+    notes: list[str] = []
+    replacements: dict[str, Replacement] = {}
+    for gguf_name, names in members.items():
+        qtype = stored[gguf_name].tensor_type
+        target = fallback_type(qtype, int(stored[gguf_name].shape[0]))
+        if target is not None:
+            notes.append(f"{gguf_name}: stored as {qtype.name}, which swtool cannot encode; the whole tensor was re-encoded as {target.name}")
+        replacements[gguf_name] = Replacement(target or qtype, partial(_edited_gguf_tensor, checkpoint, plan, gguf_name, names, linear, target))
+    copy_gguf(checkpoint.reader, checkpoint.path, path, replacements, lambda key: key.startswith("swtool."), provenance(checkpoint, plan), progress)
+    return notes
+
+
+def edit_checkpoint(checkpoint: Checkpoint, out: Path, plan: EditPlan, *, force: bool = False, max_shard_bytes: int = 5 * 10**9) -> list[str]:
+    """Write the edited checkpoint at `out`, in the input's format, atomically; returns notes for the user."""
     from swtool.checkpoint.atomic import atomic_output
 
     if not plan.active:
         raise SwtoolError("nothing to do: give --zero-super, --scale-super or --zero-outliers")
+    check_output(checkpoint, out)
     if checkpoint.format == "gguf":
-        raise SwtoolError("edit does not write GGUF yet; run `swtool dequantize MODEL.gguf -o DIR` and edit DIR instead")
+        with atomic_output(out, directory=False, inputs=[checkpoint.path], force=force) as temp:
+            return edit_gguf(checkpoint, temp, plan)
     with atomic_output(out, directory=True, inputs=[checkpoint.path], force=force) as temp:
         edit_safetensors(checkpoint, temp, plan, max_shard_bytes)
+    return []

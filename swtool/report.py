@@ -124,8 +124,10 @@ def render_eval(result) -> None:
     )
 
 
-def render_edit(checkpoint, output, plan) -> None:
-    """What `swtool edit` changed and where it wrote it."""
+def render_edit(checkpoint, output, plan, notes=()) -> None:
+    """What `swtool edit` changed and where it wrote it, and anything the user should know (type changes)."""
+    for note in notes:
+        stderr.print(f"note: {note}")
     supers = ", ".join(f"{checkpoint.stored_name(s.tensor)}[{s.row}, {s.col}]" for s in plan.supers)
     actions = []
     if plan.factor is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 
 import pytest
@@ -15,8 +14,7 @@ from typer.testing import CliRunner
 from swtool.checkpoint import open_checkpoint
 from swtool.cli import app
 from swtool.edit import EditPlan, edit_tensor, linear_layers
-from swtool.errors import SwtoolError
-from swtool.quant.supers import Held, read_argument
+from swtool.quant.supers import Held
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
@@ -125,19 +123,6 @@ def test_user_errors_leave_nothing(source, tmp_path):
     out.mkdir()
     result = run("edit", directory, "-o", out, "--zero-super", "--super", scan_json)
     assert result.exit_code == 2 and "already exists" in result.output
-
-
-def test_gguf_input_is_refused_clearly(smollm2_gguf, tmp_path):
-    from swtool.edit import edit_checkpoint
-
-    checkpoint = open_checkpoint(smollm2_gguf)
-    scan = json.dumps({"super_weights": [{"layer": 11, "tensor": "blk.11.ffn_down.weight", "row": 507, "col": 1229}]})
-    supers = read_argument("-", checkpoint, io.StringIO(scan))[0]
-    assert supers == [Held("model.layers.11.mlp.down_proj.weight", 507, 1229)]
-    with pytest.raises(SwtoolError, match="edit does not write GGUF yet"):
-        edit_checkpoint(checkpoint, tmp_path / "out.gguf", EditPlan(tuple(supers), zero_super=True))
-    assert not (tmp_path / "out.gguf").exists()
-
 
 
 def test_side_files_are_copied_but_stale_pickled_weights_are_not(source, tmp_path):

@@ -137,6 +137,10 @@ class GGUFCheckpoint(Checkpoint):
     def stored_name(self, name: str) -> str:
         return self._entries[name].name
 
+    def expert_of(self, name: str) -> int | None:
+        """The expert whose slice of a merged 3D tensor `name` is, None for a tensor stored on its own."""
+        return self._expert_of.get(name)
+
     def stored_dtype(self, name: str) -> str:
         return self._entries[name].tensor_type.name
 
