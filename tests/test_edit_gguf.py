@@ -294,3 +294,18 @@ def test_llama_cpp_runs_the_edited_file(smollm2_zeroed, wiki_text, tmp_path):
     text = tmp_path / "wiki.txt"
     text.write_text(wiki_text[:60_000])
     assert perplexity(smollm2_zeroed, text) > 60  # the original file scores about 16.6 here
+
+
+def test_full_disk_mid_write_leaves_nothing(sources, tmp_path, monkeypatch):
+    import errno
+
+    import swtool.checkpoint.gguf_copy as gguf_copy
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gguf_copy, "_copy_range", full)
+    files, scan = sources
+    out = tmp_path / "out.gguf"
+    assert_user_error(invoke("edit", files["Q4_0"], "-o", out, "--zero-super", "--super", scan), f"{out}: no space left on device while writing")
+    assert os.listdir(tmp_path) == []
