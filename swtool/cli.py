@@ -44,6 +44,7 @@ class OptionalValueCommand(TyperCommand):
 
 
 def with_optional_values(args: list[str], defaults: dict[str, str]) -> list[str]:
+    """`args` with `defaults[option]` inserted after each bare option of `defaults` (see OptionalValueCommand)."""
     out: list[str] = []
     for index, arg in enumerate(args):
         if arg == "--":

@@ -10,7 +10,7 @@ so an ablation can be measured without writing it.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,6 +24,7 @@ from swtool.checkpoint import PICKLE_SUFFIXES
 from swtool.checkpoint.base import Checkpoint
 from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
+from swtool.quant.ggml import QType
 from swtool.quant.supers import Held
 
 
@@ -185,11 +186,11 @@ def stored_edits(checkpoint: Checkpoint, plan: EditPlan, name: str, is_linear: b
     return (changed + start).numpy(), edited.reshape(-1)[changed].numpy()
 
 
-def _edited_gguf_tensor(checkpoint: Checkpoint, plan: EditPlan, gguf_name: str, names: list[str], linear: Collection[str], target) -> np.ndarray:
-    """The new bytes of one stored tensor: its blocks holding an edit re-encoded, or all of it at `target`."""
+def _edited_gguf_tensor(checkpoint: Checkpoint, plan: EditPlan, tensor, names: list[str], linear: Collection[str], target: QType | None) -> np.ndarray:
+    """The new bytes of one stored tensor (a gguf ReaderTensor holding the canonical `names`): its blocks
+    holding an edit re-encoded, or all of it at `target`."""
     from swtool.quant.ggml_edit import reencode, set_values
 
-    tensor = next(t for t in checkpoint.reader.tensors if t.name == gguf_name)
     raw = np.fromfile(checkpoint.path, dtype=np.uint8, count=int(tensor.n_bytes), offset=int(tensor.data_offset))
     edits = [stored_edits(checkpoint, plan, name, name in linear) for name in names]
     positions = np.concatenate([p for p, _ in edits])
@@ -200,7 +201,7 @@ def _edited_gguf_tensor(checkpoint: Checkpoint, plan: EditPlan, gguf_name: str, 
     return set_values(raw, qtype, positions, values) if len(positions) else raw
 
 
-def edit_gguf(checkpoint: Checkpoint, path: Path, plan: EditPlan, progress: Callable[[int, int], None] | None = None) -> list[str]:
+def edit_gguf(checkpoint: Checkpoint, path: Path, plan: EditPlan) -> list[str]:
     """Write the edited GGUF file at `path`; returns notes for the user (tensors re-encoded at another type).
 
     Every key/value and every tensor the plan does not touch is copied byte for byte; in a touched
@@ -225,8 +226,8 @@ def edit_gguf(checkpoint: Checkpoint, path: Path, plan: EditPlan, progress: Call
         target = fallback_type(qtype, int(stored[gguf_name].shape[0]))
         if target is not None:
             notes.append(f"{gguf_name}: stored as {qtype.name}, which swtool cannot encode; the whole tensor was re-encoded as {target.name}")
-        replacements[gguf_name] = Replacement(target or qtype, partial(_edited_gguf_tensor, checkpoint, plan, gguf_name, names, linear, target))
-    copy_gguf(checkpoint.reader, checkpoint.path, path, replacements, lambda key: key.startswith("swtool."), provenance(checkpoint, plan), progress)
+        replacements[gguf_name] = Replacement(target or qtype, partial(_edited_gguf_tensor, checkpoint, plan, stored[gguf_name], names, linear, target))
+    copy_gguf(checkpoint.reader, checkpoint.path, path, replacements, lambda key: key.startswith("swtool."), provenance(checkpoint, plan))
     return notes
 
 

@@ -71,7 +71,6 @@ def copy_gguf(
     replacements: Mapping[str, Replacement],
     drop_key: Callable[[str], bool],
     new_strings: Mapping[str, str],
-    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Write `source` (opened as `reader`) to `path` with the `replacements` (GGUF tensor name -> new type and bytes),
     without the keys `drop_key` accepts, and with `new_strings` added as string keys."""
@@ -93,7 +92,7 @@ def copy_gguf(
             out.write(_string(t.name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, int(types[t.name]), offset))
             offset += sizes[t.name] + len(_padding(sizes[t.name], alignment))
         out.write(_padding(out.tell(), alignment))
-        for index, t in enumerate(tensors):
+        for t in tensors:
             if t.name in replacements:
                 block = np.ascontiguousarray(replacements[t.name].data(), dtype=np.uint8)
                 if block.nbytes != sizes[t.name]:
@@ -102,5 +101,3 @@ def copy_gguf(
             else:
                 _copy_range(data, int(t.data_offset), sizes[t.name], out)
             out.write(_padding(sizes[t.name], alignment))
-            if progress:
-                progress(index + 1, len(tensors))
