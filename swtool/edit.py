@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import TextIO
 
+import gguf
 import numpy as np
 import torch
 
@@ -186,9 +187,11 @@ def stored_edits(checkpoint: Checkpoint, plan: EditPlan, name: str, is_linear: b
     return (changed + start).numpy(), edited.reshape(-1)[changed].numpy()
 
 
-def _edited_gguf_tensor(checkpoint: Checkpoint, plan: EditPlan, tensor, names: list[str], linear: Collection[str], target: QType | None) -> np.ndarray:
+def _edited_gguf_tensor(
+    checkpoint: Checkpoint, plan: EditPlan, tensor, names: list[str], linear: Collection[str], target: QType | None, blocks: list[int]
+) -> np.ndarray:
     """The new bytes of one stored tensor (a gguf ReaderTensor holding the canonical `names`): its blocks
-    holding an edit re-encoded, or all of it at `target`."""
+    holding an edit re-encoded, or all of it at `target`; the number of GGML blocks that changed is appended to `blocks`."""
     from swtool.quant.ggml_edit import reencode, set_values
 
     raw = np.fromfile(checkpoint.path, dtype=np.uint8, count=int(tensor.n_bytes), offset=int(tensor.data_offset))
@@ -197,12 +200,14 @@ def _edited_gguf_tensor(checkpoint: Checkpoint, plan: EditPlan, tensor, names: l
     values = np.concatenate([v for _, v in edits])
     qtype = tensor.tensor_type
     if target is not None:
+        blocks.append(int(tensor.n_elements) // gguf.GGML_QUANT_SIZES[target][0])
         return reencode(raw, qtype, tuple(int(d) for d in reversed(tensor.shape)), positions, values, target)
+    blocks.append(len(np.unique(positions // gguf.GGML_QUANT_SIZES[qtype][0])))
     return set_values(raw, qtype, positions, values) if len(positions) else raw
 
 
 def edit_gguf(checkpoint: Checkpoint, path: Path, plan: EditPlan) -> list[str]:
-    """Write the edited GGUF file at `path`; returns notes for the user (tensors re-encoded at another type).
+    """Write the edited GGUF file at `path`; returns notes for the user (what was re-encoded).
 
     Every key/value and every tensor the plan does not touch is copied byte for byte; in a touched
     tensor only the GGML blocks holding a changed weight are re-encoded, at the stored type, unless
@@ -220,15 +225,23 @@ def edit_gguf(checkpoint: Checkpoint, path: Path, plan: EditPlan) -> list[str]:
             members.setdefault(checkpoint.stored_name(name), []).append(name)
     stored = {t.name: t for t in checkpoint.reader.tensors}
     notes: list[str] = []
+    blocks: list[int] = []
     replacements: dict[str, Replacement] = {}
     for gguf_name, names in members.items():
         qtype = stored[gguf_name].tensor_type
         target = fallback_type(qtype, int(stored[gguf_name].shape[0]))
         if target is not None:
             notes.append(f"{gguf_name}: stored as {qtype.name}, which swtool cannot encode; the whole tensor was re-encoded as {target.name}")
-        replacements[gguf_name] = Replacement(target or qtype, partial(_edited_gguf_tensor, checkpoint, plan, stored[gguf_name], names, linear, target))
+        edited = partial(_edited_gguf_tensor, checkpoint, plan, stored[gguf_name], names, linear, target, blocks)
+        replacements[gguf_name] = Replacement(target or qtype, edited)
     copy_gguf(checkpoint.reader, checkpoint.path, path, replacements, lambda key: key.startswith("swtool."), provenance(checkpoint, plan))
+    count, tensors = sum(blocks), sum(1 for n in blocks if n)
+    notes.append(f"{_plural(count, 'GGML block')} in {_plural(tensors, 'tensor')} re-encoded; every other byte of tensor data copied from the input")
     return notes
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def edit_checkpoint(checkpoint: Checkpoint, out: Path, plan: EditPlan, *, force: bool = False, max_shard_bytes: int = 5 * 10**9) -> list[str]:

@@ -92,6 +92,7 @@ def test_zero_super_rewrites_only_the_block_holding_it(sources, tmp_path, type_n
     source, out = files[type_name], tmp_path / "zeroed.gguf"
     result = invoke("edit", source, "-o", out, "--zero-super", "--super", scan)
     assert result.exit_code == 0, result.output
+    assert "1 GGML block in 1 tensor re-encoded" in " ".join(result.stderr.split())
     added, _ = assert_copied_except(source, out, {GGUF_DOWN})
     assert json.loads(added["swtool.options"])["super_weights"] == [[DOWN, SUPER[1], SUPER[2]]]
     assert list(json.loads(added["swtool.inputs"])) == [source.name]
@@ -171,6 +172,7 @@ def test_k_quant_tensor_is_reencoded_whole_at_q8_0_and_said(tmp_path):
     assert result.exit_code == 0, result.output
     said = " ".join(result.stderr.split())
     assert f"{GGUF_DOWN}: stored as Q6_K, which swtool cannot encode; the whole tensor was re-encoded as Q8_0" in said
+    assert "512 GGML blocks in 1 tensor re-encoded" in said  # 64 x 256 values, 32 per Q8_0 block
     _, tensors = assert_copied_except(source, out, {GGUF_DOWN})
     assert tensors[GGUF_DOWN][0] == "Q8_0"
     before, after = open_checkpoint(source).load(DOWN), open_checkpoint(out).load(DOWN)
