@@ -1,9 +1,11 @@
-"""Run a real swtool command whose safetensors writer is slowed down, so a test can interrupt it mid-write.
+"""Run a real swtool command whose writer is slowed down, so a test can interrupt it mid-write.
 
     python tests/slow_command.py quantize MODEL -o OUT ...
 
 Everything is the real command (options, atomic_output, error handling);
-only ShardedWriter.write, once it has written the first tensor, prints
+only the writers' data paths are wrapped: once the safetensors writer
+(ShardedWriter.write) has written its first tensor, or the GGUF copy
+(gguf_copy._copy_range) has copied its first one, the command prints
 "writing" on stdout and then waits (up to two minutes) for the test to act.
 """
 
@@ -12,20 +14,33 @@ from __future__ import annotations
 import sys
 import time
 
+import swtool.checkpoint.gguf_copy as gguf_copy
 from swtool.checkpoint.safetensors_out import ShardedWriter
 from swtool.cli import main
 
-original = ShardedWriter.write
+
+def wait_for_the_test() -> None:
+    print("writing", flush=True)
+    time.sleep(120)
+
+
+original_write = ShardedWriter.write
+original_copy = gguf_copy._copy_range
 
 
 def slow_write(self, name, tensor):
-    original(self, name, tensor)
+    original_write(self, name, tensor)
     if self._position == 1:
-        print("writing", flush=True)
-        time.sleep(120)
+        wait_for_the_test()
+
+
+def slow_copy(*args):
+    original_copy(*args)
+    wait_for_the_test()
 
 
 ShardedWriter.write = slow_write
+gguf_copy._copy_range = slow_copy
 
 if __name__ == "__main__":
     sys.argv[0] = "swtool"

@@ -311,3 +311,22 @@ def test_full_disk_mid_write_leaves_nothing(sources, tmp_path, monkeypatch):
     out = tmp_path / "out.gguf"
     assert_user_error(invoke("edit", files["Q4_0"], "-o", out, "--zero-super", "--super", scan), f"{out}: no space left on device while writing")
     assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_mid_write_leaves_no_output(sources, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    files, scan = sources
+    out = tmp_path / "out.gguf"
+    slow = [sys.executable, str(Path(__file__).with_name("slow_command.py"))]
+    writer = subprocess.Popen([*slow, "edit", files["Q4_1"], "-o", out, "--zero-super", "--super", scan], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing", writer.communicate()
+    assert any(".swtool-tmp-" in n for n in os.listdir(tmp_path))  # half written
+    writer.send_signal(signal.SIGTERM)
+    _, stderr = writer.communicate(timeout=60)
+    assert writer.returncode == 128 + signal.SIGTERM
+    assert stderr.strip() == f"swtool: error: interrupted by SIGTERM; {out} was not written"
+    assert os.listdir(tmp_path) == []
