@@ -220,7 +220,7 @@ def _gguf_sliding_layers(meta: dict[str, Any], arch: str, num_layers: int) -> tu
     return ()
 
 
-def _gguf_query_scale(arch: str, hidden: int, heads: int, num_layers: int) -> float | None:
+def gguf_query_scale(arch: str, hidden: int, heads: int, num_layers: int) -> float | None:
     """llama.cpp's Gemma-2/3 query scale: 1/sqrt(hidden/heads) for the 27B models (by layer count), else the default."""
     if (arch, num_layers) in (("gemma2", 46), ("gemma3", 62)):
         return (hidden / heads) ** -0.5
@@ -271,7 +271,7 @@ def _from_gguf(meta: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> 
         sliding_layers=_gguf_sliding_layers(meta, arch, num_layers) if window else (),
         local_rope_theta=float(local_theta) if local_theta is not None else None,
         rotary_dim=int(meta.get(f"{arch}.rope.dimension_count") or head_dim),
-        query_scale=_gguf_query_scale(arch, hidden, heads, num_layers),
+        query_scale=gguf_query_scale(arch, hidden, heads, num_layers),
         attn_softcap=meta.get(f"{arch}.attn_logit_softcapping") if arch == "gemma2" else None,
         final_softcap=meta.get(f"{arch}.final_logit_softcapping"),
         clip_qkv=meta.get(f"{arch}.attention.clamp_kqv"),

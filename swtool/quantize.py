@@ -175,7 +175,7 @@ def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -
         checkpoint, job.gguf_type, super_weights=job.held, keep_super=bool(job.held), super_type=job.super_type, provenance=job.provenance
     )
     gguf_out.write_gguf(checkpoint, plan, path, progress)
-    types = {t.source: t.qtype.name for t in plan.tensors}
+    types = {source: t.qtype.name for t in plan.tensors for source in (t.stacked or (t.source,))}
     quantized = sum(1 for t in plan.tensors if t.qtype in gguf_out.BLOCK_TYPES)
     held = [
         (checkpoint.stored_name(h.tensor), h.row, h.col, float(checkpoint.load(h.tensor, torch.float32, rows=[h.row])[0, h.col].half()))

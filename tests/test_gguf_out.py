@@ -181,7 +181,7 @@ def test_bad_type_and_unknown_architecture_are_refused(tiny, tmp_path, monkeypat
     with pytest.raises(SwtoolError, match="--super-type 'Q4_0'"):
         plan_gguf(checkpoint, "Q4_0", keep_super=True, super_type="Q4_0")
     family = gguf_out.family_for("llama")
-    monkeypatch.setattr(gguf_out, "family_for", lambda _: dataclasses.replace(family, gguf_arch=None))
+    monkeypatch.setattr(gguf_out, "family_for", lambda *_: dataclasses.replace(family, gguf_arch=None))
     with pytest.raises(SwtoolError, match="llama.cpp has no architecture"):
         plan_gguf(checkpoint, "Q8_0")
 
@@ -201,7 +201,7 @@ def test_failure_mid_write_leaves_no_file(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2", "gemma3_text"]
+FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2", "gemma3_text", "mixtral"]
 
 
 def tensor_bytes(reader):
@@ -226,13 +226,15 @@ def test_gguf_to_gguf_reproduces_every_family_exactly(family, tmp_path):
     }
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_hf_input_matches_an_independent_converter(family, tmp_path):
-    """From an HF directory, swtool writes the tensors and hyper-parameters llama.cpp's conventions give."""
+    """From an HF directory, swtool writes the tensors and hyper-parameters llama.cpp's conventions give
+    (names, Q/K permutation, Gemma's 1 + w norms, Mixtral's experts stacked into ffn_*_exps)."""
     from gguf_tiny import convert
+    from test_gguf_families import CASES
     from tiny import build
 
-    build(family, tmp_path / "hf")
+    build(family, tmp_path / "hf", **CASES[family])
     convert(tmp_path / "hf", tmp_path / "ref.gguf")
     _, reader = write(open_checkpoint(tmp_path / "hf"), tmp_path / "ours.gguf", "F32")
     reference = gguf.GGUFReader(tmp_path / "ref.gguf")
@@ -244,15 +246,22 @@ def test_hf_input_matches_an_independent_converter(family, tmp_path):
         assert ours[key] == pytest.approx(theirs[key]), key
 
 
-def test_routed_experts_and_unsupported_hf_architectures_are_refused(tmp_path):
+def test_models_llama_cpp_cannot_express_are_refused(tmp_path):
     from tiny import build
 
-    build("mixtral", tmp_path / "moe")
-    with pytest.raises(SwtoolError, match="routed experts are not written as GGUF yet"):
-        plan_gguf(open_checkpoint(tmp_path / "moe"), "Q8_0")
-    build("gemma", tmp_path / "gemma")
-    with pytest.raises(SwtoolError, match="convert this model with llama.cpp's convert_hf_to_gguf.py"):
-        plan_gguf(open_checkpoint(tmp_path / "gemma"), "Q8_0")
+    build("gemma2", tmp_path / "scalar")  # the tiny default query_pre_attn_scalar (24) is not head_dim (16)
+    with pytest.raises(SwtoolError, match="query_pre_attn_scalar 24: GGUF has no key for it"):
+        plan_gguf(open_checkpoint(tmp_path / "scalar"), "Q8_0")
+    build("gemma", tmp_path / "untied", tie_word_embeddings=False)
+    with pytest.raises(SwtoolError, match="untied lm_head"):
+        plan_gguf(open_checkpoint(tmp_path / "untied"), "Q8_0")
+    build("phi3", tmp_path / "longrope", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+          "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "original_max_position_embeddings": 64})
+    with pytest.raises(SwtoolError, match="rope scaling 'longrope'"):
+        plan_gguf(open_checkpoint(tmp_path / "longrope"), "Q8_0")
+    build("qwen2", tmp_path / "window", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(SwtoolError, match="llama.cpp's qwen2 architecture runs none"):
+        plan_gguf(open_checkpoint(tmp_path / "window"), "Q8_0")
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +28,7 @@ from gguf import GGUFValueType, TokenType
 from gguf.gguf_writer import GGUFValue
 
 from swtool.checkpoint.base import Checkpoint
-from swtool.config import ModelConfig
+from swtool.config import ModelConfig, gguf_query_scale
 from swtool.errors import SwtoolError
 from swtool.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
 
@@ -53,32 +54,81 @@ def copied_metadata(reader: gguf.GGUFReader, arch: str) -> Metadata:
     return out
 
 
+LLAMA_CPP_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
+"""Architectures whose llama.cpp graph runs a sliding window on some layers (default pattern: layer i slides when i % n < n - 1)."""
+
+
 def hyperparameters(config: ModelConfig, arch: str) -> Metadata:
-    """The `{arch}.*` keys convert_hf_to_gguf.py writes for a llama-style model."""
-    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
-    keys: list[tuple[str, Any, GGUFValueType]] = [
-        ("context_length", config.max_position_embeddings, u32),
-        ("embedding_length", config.hidden_size, u32),
-        ("block_count", config.num_layers, u32),
-        ("feed_forward_length", config.intermediate_size, u32),
-        ("attention.head_count", config.num_heads, u32),
-        ("attention.head_count_kv", config.num_kv_heads, u32),
-        ("rope.freq_base", config.rope_theta, f32),
-        ("attention.layer_norm_rms_epsilon", config.norm_eps, f32),
-        ("attention.key_length", config.head_dim, u32),
-        ("attention.value_length", config.head_dim, u32),
-        ("rope.dimension_count", config.head_dim, u32),
-        ("vocab_size", config.vocab_size, u32),
-    ]
+    """The `{arch}.*` keys llama.cpp's convert_hf_to_gguf.py writes for this family, through gguf-py's own setters
+    (so key names and value types are llama.cpp's).
+
+    Beyond the converter, a few keys it leaves to llama.cpp's defaults are written explicitly where the
+    HF config can differ from them (Gemma's RoPE base, the sliding-window layer pattern); a model
+    llama.cpp cannot represent is refused rather than written wrong.
+    """
+    check_representable(config, arch)
+    w = gguf.GGUFWriter(None, arch)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_heads)
+    w.add_head_count_kv(config.num_kv_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_dimension_count(config.rotary_dim or config.head_dim)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_vocab_size(config.vocab_size)
+    if arch == "olmo":  # a LayerNorm without parameters, at a fixed epsilon (OlmoModel in the converter)
+        w.add_layer_norm_eps(1e-5)
+    else:
+        w.add_layer_norm_rms_eps(config.norm_eps)
+    if config.clip_qkv is not None:
+        w.add_clamp_kqv(config.clip_qkv)
+    if config.num_experts:
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.experts_per_token)
+    if arch == "phi3":  # the converter always writes both; a window of 0 marks "none"
+        w.add_rope_scaling_orig_ctx_len(int(config.extra.get("original_max_position_embeddings") or config.max_position_embeddings))
+        w.add_sliding_window(config.sliding_window or 0)
+    if arch in LLAMA_CPP_SWA_PATTERN and config.sliding_window:
+        w.add_sliding_window(config.sliding_window)
+        w.add_sliding_window_pattern([bool(config.sliding_layers[i]) if config.sliding_layers else True for i in range(config.num_layers)])
+    if arch == "gemma3" and config.local_rope_theta is not None:
+        w.add_rope_freq_base_swa(config.local_rope_theta)
+    if config.attn_softcap:
+        w.add_attn_logit_softcapping(config.attn_softcap)
+    if config.final_softcap:
+        w.add_final_logit_softcapping(config.final_softcap)
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type")
-    if kind in ("linear", "yarn"):
-        keys += [("rope.scaling.type", kind, GGUFValueType.STRING), ("rope.scaling.factor", float(scaling["factor"]), f32)]
-        if kind == "yarn":
-            keys.append(("rope.scaling.original_context_length", int(scaling["original_max_position_embeddings"]), u32))
-    elif kind not in (None, "llama3"):  # llama3 scaling travels as the rope_freqs tensor (swtool.checkpoint.gguf_out)
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+    return {k: v for k, v in w.kv_data[0].items() if k != "general.architecture"}
+
+
+def check_representable(config: ModelConfig, arch: str) -> None:
+    """Refuse what llama.cpp's GGUF cannot express, so no file silently computes another model."""
+    kind = (config.rope_scaling or {}).get("rope_type")
+    if kind not in (None, "linear", "yarn", "llama3"):  # llama3 scaling travels as the rope_freqs tensor (swtool.checkpoint.gguf_out)
         raise SwtoolError(f"rope scaling {kind!r}: GGUF output supports linear, yarn and llama3 scaling")
-    return {f"{arch}.{key}": GGUFValue(value, vtype) for key, value, vtype in keys}
+    if arch in ("gemma", "gemma2") and not config.tie_embeddings:
+        raise SwtoolError(f"model_type {config.model_type!r} with an untied lm_head: llama.cpp's {arch} architecture always uses the embeddings as output")
+    if arch in ("gemma2", "gemma3"):
+        expected = gguf_query_scale(arch, config.hidden_size, config.num_heads, config.num_layers) or config.head_dim**-0.5
+        actual = config.query_scale if config.query_scale is not None else config.head_dim**-0.5
+        if not math.isclose(actual, expected, rel_tol=1e-6):
+            raise SwtoolError(
+                f"query_pre_attn_scalar {actual**-2:g}: GGUF has no key for it and llama.cpp's {arch} uses {expected**-2:g} for this shape, "
+                "so the file would compute another model"
+            )
+    if config.sliding_window and arch not in (*LLAMA_CPP_SWA_PATTERN, "phi3") and config.model_type not in ("mistral", "mixtral"):
+        raise SwtoolError(f"model_type {config.model_type!r} with a sliding window: llama.cpp's {arch} architecture runs none")
 
 
 def pre_tokenizer_name(pre: dict[str, Any] | None) -> str | None:

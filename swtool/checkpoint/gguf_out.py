@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -38,7 +38,7 @@ from gguf.gguf_writer import GGUFValue
 
 from swtool.arch import family_for
 from swtool.checkpoint.base import Checkpoint
-from swtool.checkpoint.gguf_in import ARCH_BY_NAME, permute_qk, qk_heads
+from swtool.checkpoint.gguf_in import ARCH_BY_NAME, EXPERT, permute_qk, qk_heads
 from swtool.checkpoint.gguf_meta import Metadata, model_metadata
 from swtool.errors import SwtoolError
 from swtool.quant.ggml import TYPES, NonFiniteError, QType, can_encode, encode, encoded_nbytes, one_kernel_thread
@@ -78,6 +78,9 @@ class GGUFTensor:
     """Added to the values, as llama.cpp's converter folds Gemma's `1 +` into norm weights."""
     values: torch.Tensor | None = field(default=None, compare=False)
     """The data of a tensor llama.cpp needs that the input does not hold (rope_freqs)."""
+    stacked: tuple[str, ...] = ()
+    """Routed experts' canonical names, stacked along a new first axis into this one tensor
+    (llama.cpp's `ffn_*_exps`, expert order); `source` is the first. Empty for every other tensor."""
 
     @property
     def nbytes(self) -> int:
@@ -100,53 +103,49 @@ def parse_type(name: str, option: str = "--type", allowed: Sequence[str] = tuple
     return TYPES[name.upper()]
 
 
-HF_ARCHS = ("llama", "qwen2", "qwen3")
-"""Architectures whose llama.cpp hyper-parameters swtool builds from an HF config.json
-(the llama-style keys); a GGUF input of any other architecture has its own copied."""
-
-
 def gguf_arch(checkpoint: Checkpoint) -> str:
-    """llama.cpp's architecture name for the checkpoint's family; a clear error where swtool cannot write it."""
+    """llama.cpp's architecture name for the checkpoint's family; a clear error where llama.cpp has none."""
     config = checkpoint.config
-    family = family_for(config.model_type)
-    arch = family.gguf_arch
+    arch = family_for(config.model_type, config.num_experts).gguf_arch
     if arch is None or arch not in ARCH_BY_NAME:
         raise SwtoolError(f"model_type {config.model_type!r}: llama.cpp has no architecture for it, so it cannot be written as GGUF")
-    if config.num_experts:
-        raise SwtoolError(f"model_type {config.model_type!r}: routed experts are not written as GGUF yet (llama.cpp merges them into 3-D tensors)")
-    if checkpoint.format != "gguf" and arch not in HF_ARCHS:
-        raise SwtoolError(
-            f"model_type {config.model_type!r}: GGUF output from an HF directory supports the {', '.join(HF_ARCHS)} architectures; "
-            "convert this model with llama.cpp's convert_hf_to_gguf.py, then swtool can quantize that GGUF"
-        )
     return arch
 
 
-def gguf_names(checkpoint: Checkpoint, arch: str) -> dict[str, str]:
-    """Canonical name -> GGUF name for every tensor to write, in input order.
+def expert_index(name: str) -> int:
+    found = EXPERT.search(name)
+    return int(found.group(1)) if found else -1
+
+
+def gguf_names(checkpoint: Checkpoint, arch: str) -> dict[str, list[str]]:
+    """GGUF name -> the canonical names it is made of (one, or every routed expert in order), in input order.
 
     A GGUF input keeps its own names and order (and its GGUF-only tensors such
     as rope_freqs); an HF input is mapped with gguf-py's tensor name map, keeping
-    only the tensors the family describes (a tied head is not written twice).
+    only the tensors the family describes (a tied head is not written twice),
+    and routed experts are merged as llama.cpp's converter merges them.
     """
+    out: dict[str, list[str]] = {}
     if checkpoint.format == "gguf":
-        canonical = {checkpoint.stored_name(n): n for n in checkpoint.names()}
-        return {canonical[t.name]: t.name for t in checkpoint.reader.tensors}
-    config = checkpoint.config
-    family = family_for(config.model_type)
-    wanted = set(family.global_tensors(config).values())
-    for layer in range(config.num_layers):
-        wanted.update(family.layer_tensors(config, layer).values())
-    name_map = gguf.get_tensor_name_map(ARCH_BY_NAME[arch], config.num_layers)
-    out: dict[str, str] = {}
-    for name in checkpoint.names():
-        if name not in wanted:
-            continue
-        stored = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if stored is None:
-            raise SwtoolError(f"{checkpoint.path}: tensor {name} has no llama.cpp name for architecture {arch}")
-        out[name] = stored
-    return out
+        for name in checkpoint.names():
+            out.setdefault(checkpoint.stored_name(name), []).append(name)
+        order = [t.name for t in checkpoint.reader.tensors]
+        out = {stored: out[stored] for stored in order}
+    else:
+        config = checkpoint.config
+        family = family_for(config.model_type, config.num_experts)
+        wanted = set(family.global_tensors(config).values())
+        for layer in range(config.num_layers):
+            wanted.update(family.layer_tensors(config, layer).values())
+        name_map = gguf.get_tensor_name_map(ARCH_BY_NAME[arch], config.num_layers)
+        for name in checkpoint.names():
+            if name not in wanted:
+                continue
+            stored = name_map.get_name(EXPERT.sub(".experts.", name), try_suffixes=(".weight", ".bias"))
+            if stored is None:
+                raise SwtoolError(f"{checkpoint.path}: tensor {name} has no llama.cpp name for architecture {arch}")
+            out.setdefault(stored, []).append(name)
+    return {stored: sorted(names, key=expert_index) for stored, names in out.items()}
 
 
 def is_head(name: str, checkpoint: Checkpoint) -> bool:
@@ -176,13 +175,15 @@ def plan_gguf(
     base = parse_type(type_name)
     protect = parse_type(super_type, "--super-type", SUPER_TYPES) if keep_super else None
     arch = gguf_arch(checkpoint)
-    family = family_for(checkpoint.config.model_type)
+    family = family_for(checkpoint.config.model_type, checkpoint.config.num_experts)
     holders = {w.tensor for w in super_weights}
     metadata, notes = model_metadata(checkpoint, arch)
     tensors: list[GGUFTensor] = []
-    for source, name in gguf_names(checkpoint, arch).items():
-        shape = tuple(checkpoint.shape(source))
-        qtype = choose_type(shape, base, is_head(source, checkpoint), protect if source in holders else None)
+    for name, sources in gguf_names(checkpoint, arch).items():
+        source = sources[0]
+        stacked = tuple(sources) if expert_index(source) >= 0 else ()
+        shape = (len(stacked), *checkpoint.shape(source)) if stacked else tuple(checkpoint.shape(source))
+        qtype = choose_type(shape, base, is_head(source, checkpoint), protect if holders.intersection(sources) else None)
         if not can_encode(shape, qtype):
             notes.append(
                 f"{name}: row length {shape[-1]} is not a multiple of the {qtype.name} block size "
@@ -190,7 +191,7 @@ def plan_gguf(
             )
             qtype = QType.F16
         offset = family.gguf_norm_offset if source.endswith("norm.weight") else 0.0
-        tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source), offset))
+        tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source), offset, stacked=stacked))
     if checkpoint.format != "gguf" and (checkpoint.config.rope_scaling or {}).get("rope_type") == "llama3":
         factors = llama3_rope_factors(checkpoint.config)
         tensors.append(GGUFTensor("rope_freqs.weight", "rope_freqs.weight", tuple(factors.shape), QType.F32, values=factors))
@@ -234,9 +235,10 @@ def stored_row(tensor: GGUFTensor, row: int) -> int:
 
 
 def super_weight_metadata(checkpoint: Checkpoint, tensors: list[GGUFTensor], weights: Sequence[Held], super_type: str) -> Metadata:
-    """swtool.super_weights.*: parallel arrays of GGUF tensor name, row, col (as stored) and fp16 value."""
-    by_source = {t.source: t for t in tensors}
-    names, rows, cols, values = [], [], [], []
+    """swtool.super_weights.*: parallel arrays of GGUF tensor name, row, col (as stored) and fp16 value;
+    plus `expert` (the slice of a merged `ffn_*_exps` tensor, -1 elsewhere) when any weight is in a routed expert."""
+    by_source = {source: t for t in tensors for source in (t.stacked or (t.source,))}
+    names, rows, cols, values, experts = [], [], [], [], []
     for w in sorted(weights, key=lambda w: (w.tensor, w.row, w.col)):
         tensor = by_source.get(w.tensor)
         if tensor is None:
@@ -246,17 +248,23 @@ def super_weight_metadata(checkpoint: Checkpoint, tensors: list[GGUFTensor], wei
         rows.append(stored_row(tensor, w.row))
         cols.append(w.col)
         values.append(float(value))
+        experts.append(tensor.stacked.index(w.tensor) if tensor.stacked else -1)
     arr, prefix = GGUFValueType.ARRAY, "swtool.super_weights."
-    return {
+    out = {
         prefix + "tensor": GGUFValue(names, arr, GGUFValueType.STRING),
         prefix + "row": GGUFValue(rows, arr, GGUFValueType.UINT32),
         prefix + "col": GGUFValue(cols, arr, GGUFValueType.UINT32),
         prefix + "value": GGUFValue(values, arr, GGUFValueType.FLOAT32),
         prefix + "type": GGUFValue(super_type, GGUFValueType.STRING),
     }
+    if any(e >= 0 for e in experts):
+        out[prefix + "expert"] = GGUFValue(experts, arr, GGUFValueType.INT32)
+    return out
 
 
 def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
+    if tensor.stacked:  # one expert at a time: memory holds one expert's weights plus the encoded bytes
+        return np.stack([encoded_tensor(checkpoint, replace(tensor, source=s, shape=tensor.shape[1:], stacked=())) for s in tensor.stacked])
     weight = tensor.values if tensor.values is not None else checkpoint.load(tensor.source, torch.float32)
     if tensor.permute_heads is not None:
         weight = permute_qk(weight, tensor.permute_heads)
