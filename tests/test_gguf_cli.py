@@ -63,11 +63,11 @@ def test_bad_gguf_options(model, super_json, tmp_path, args, message):  # noqa: 
     assert message in bad(tmp_path, "quantize", model, "--super", super_json, *args)
 
 
-def test_unsupported_architecture_is_one_line_and_no_file(tmp_path):
+def test_a_model_gguf_cannot_express_is_one_line_and_no_file(tmp_path):
     import tiny
 
-    tiny.build("mixtral", tmp_path / "moe")
-    assert "routed experts" in bad(tmp_path, "quantize", tmp_path / "moe", "--format", "gguf", "--type", "Q8_0", "--no-keep-super")
+    tiny.build("gemma2", tmp_path / "g2")  # query_pre_attn_scalar 24; llama.cpp would scale by head_dim 16
+    assert "query_pre_attn_scalar 24" in bad(tmp_path, "quantize", tmp_path / "g2", "--format", "gguf", "--type", "Q8_0", "--no-keep-super")
 
 
 def test_dequantize_gguf_gives_transformers_the_same_logits(model, super_json, tmp_path):  # noqa: F811

@@ -64,18 +64,6 @@ def test_gguf_experts_are_reported_under_the_merged_tensor(tmp_path):
     assert torch.equal(gg.load(name, rows=[5]), gg.load(name)[5:6])
 
 
-def test_exporting_a_family_hf_export_cannot_describe_is_refused(tmp_path):
-    from swtool.checkpoint.hf_export import export_hf
-    from swtool.errors import SwtoolError
-
-    build("qwen2", tmp_path / "hf")
-    convert(tmp_path / "hf", tmp_path / "tiny.gguf")
-    (tmp_path / "out").mkdir()
-    with pytest.raises(SwtoolError, match="not supported"):
-        export_hf(open_checkpoint(tmp_path / "tiny.gguf"), tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
-
-
 def chunk_perplexities(checkpoint, ids: list[int], n_ctx: int) -> list[float]:
     """Running perplexity after each chunk, as llama-perplexity prints it: second half of each chunk, no BOS."""
     stream = LayerStream(checkpoint)
