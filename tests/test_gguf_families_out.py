@@ -146,3 +146,116 @@ def test_llama_cpp_runs_swtool_gguf_as_swtool_does(converted, tmp_path):
         # llama.cpp logs from a worker thread and now and then loses its last line at exit: compare what it printed
         assert len(ours) >= len(theirs) >= 3
         assert ours[: len(theirs)] == pytest.approx(theirs, rel=tolerance), type_name
+
+
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def write_sentencepiece_tokenizer(directory: Path, text: str, size: int, prepend: bool) -> None:
+    """A SentencePiece-style tokenizer.json as Llama-2, Mistral, Phi-3 (prepend) and Gemma (no prepend)
+    ship: BPE with byte fallback over "\u2581"-for-space text, <unk> <s> </s> then the 256 byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if prepend else []) + [normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    lines = [line for line in text.split("\n") if line.strip()]
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=size - 256, special_tokens=SPECIALS, show_progress=False, limit_alphabet=120))
+    data = json.loads(tok.to_str())
+    trained = sorted(data["model"]["vocab"], key=data["model"]["vocab"].get)
+    final = SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + [t for t in trained if t not in SPECIALS]
+    data["model"]["vocab"] = {t: i for i, t in enumerate(final)}
+    for added in data["added_tokens"]:
+        added["id"] = final.index(added["content"])
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+
+
+def llama_cpp_spm(meta: dict, text: str) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm), transcribed: merge the adjacent pair whose
+    joined text is the token of highest score (leftmost on ties) until none is left; unknown characters
+    fall back to byte tokens."""
+    import heapq
+
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+    ids = {t: i for i, t in enumerate(tokens)}
+    text = ("\u2581" if meta["tokenizer.ggml.add_space_prefix"] else "") + text.replace(" ", "\u2581")
+    symbols = list(text)
+    alive = [True] * len(symbols)
+    nxt, prv = list(range(1, len(symbols) + 1)), list(range(-1, len(symbols) - 1))
+    queue: list = []
+
+    def push(left: int, right: int) -> None:
+        if left < 0 or right >= len(symbols):
+            return
+        joined = symbols[left] + symbols[right]
+        if joined in ids:
+            heapq.heappush(queue, (-scores[ids[joined]], left, joined, right))
+
+    for i in range(1, len(symbols)):
+        push(i - 1, i)
+    while queue:
+        _, left, joined, right = heapq.heappop(queue)
+        if not (alive[left] and alive[right]) or symbols[left] + symbols[right] != joined or nxt[left] != right:
+            continue
+        symbols[left], alive[right] = joined, False
+        nxt[left] = nxt[right]
+        if nxt[right] < len(symbols):
+            prv[nxt[right]] = left
+        push(prv[left], left)
+        push(left, nxt[left])
+    out = []
+    for symbol, keep in zip(symbols, alive):
+        if keep:
+            out += [ids[symbol]] if symbol in ids else [ids[f"<0x{b:02X}>"] for b in symbol.encode()]
+    return out
+
+
+@pytest.mark.parametrize("family, prepend", [("llama", True), ("gemma", False)])
+def test_sentencepiece_style_tokenizers_become_llama_vocabularies(family, prepend, wiki_text, tmp_path):
+    """Byte-fallback BPE tokenizer.json -> tokenizer.ggml.model = llama with scores from the merge ranks;
+    llama.cpp's SentencePiece algorithm on the written vocabulary gives the HF tokenizer's ids."""
+    from tokenizers import Tokenizer
+
+    build(family, tmp_path / "hf", **{**CASES[family], "vocab_size": 1024})
+    write_sentencepiece_tokenizer(tmp_path / "hf", wiki_text[:100_000], 1000, prepend)
+    out = tmp_path / "m.gguf"
+    result = invoke("quantize", tmp_path / "hf", "-o", out, "--format", "gguf", "--type", "F32", "--no-keep-super", "-q")
+    assert result.exit_code == 0, result.output
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items()}
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is prepend
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert len(tokens) == 1024 and tokens[3] == "<0x00>" and types[3] == gguf.TokenType.BYTE
+    assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL and types[1023] == gguf.TokenType.UNUSED
+    assert meta["tokenizer.ggml.bos_token_id"] == 1 and meta["tokenizer.ggml.add_bos_token"] is False
+    hf = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    sample = wiki_text[300_000:303_000] + " naïve café 東京 \u2603"  # characters outside the vocabulary fall back to bytes
+    assert llama_cpp_spm(meta, sample) == hf.encode(sample).ids
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("family, prepend", [("llama", True), ("gemma", False)])
+def test_llama_cpp_tokenizes_a_sentencepiece_style_vocabulary_as_transformers(family, prepend, wiki_text, tmp_path):
+    """llama-perplexity on the file gives the running perplexities swtool's forward gives on the HF
+    directory, tokenized by its tokenizer.json: the same tokens, chunk for chunk."""
+    folder = os.environ.get("SWTOOL_LLAMA_CPP")
+    if not folder:
+        pytest.skip("set SWTOOL_LLAMA_CPP to the folder of llama.cpp's binaries (llama-perplexity)")
+    build(family, tmp_path / "hf", **{**CASES[family], "vocab_size": 1024})
+    write_sentencepiece_tokenizer(tmp_path / "hf", wiki_text[:100_000], 1000, prepend)
+    out = tmp_path / "m.gguf"
+    assert invoke("quantize", tmp_path / "hf", "-o", out, "--format", "gguf", "--type", "F32", "--no-keep-super", "-q").exit_code == 0
+    text = tmp_path / "text.txt"
+    text.write_text(wiki_text[300_000:302_500])
+    run = subprocess.run(
+        [str(Path(folder) / "llama-perplexity"), "-m", str(out), "-f", str(text), "-c", "128", "-b", "128", "-t", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "LD_LIBRARY_PATH": folder},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+)", run.stdout + run.stderr)]
+    hf = open_checkpoint(tmp_path / "hf")
+    ours = chunk_perplexities(hf, encode(hf, text.read_text()), 128)
+    chunks = re.search(r"calculating perplexity over (\d+) chunks", run.stdout + run.stderr)
+    assert chunks and int(chunks.group(1)) == len(ours) >= 6  # the same number of tokens
+    assert len(theirs) >= len(ours) - 1
+    assert ours[: len(theirs)] == pytest.approx(theirs, rel=2e-3)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,8 +165,47 @@ def _quiet_gguf_logs() -> Iterator[None]:
         logger.setLevel(previous)
 
 
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def adds_space_prefix(data: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text (llama.cpp's add_space_prefix):
+    a `Prepend` normalizer (older files) or a `Metaspace` pre-tokenizer that prepends (newer ones)."""
+    normalizer, pre = json.dumps(data.get("normalizer")), data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    metaspace = [s for s in steps if s.get("type") == "Metaspace"]
+    if metaspace:
+        return metaspace[0].get("prepend_scheme", "always" if metaspace[0].get("add_prefix_space", True) else "never") != "never"
+    return '"Prepend"' in normalizer
+
+
+def merge_scores(model: dict[str, Any]) -> dict[str, float]:
+    """SentencePiece scores that make llama.cpp's SPM merging reproduce the BPE merges: llama.cpp merges the
+    adjacent pair whose joined text is the token with the highest score, BPE the pair of lowest rank, so each
+    token made by a merge scores minus the rank of the first merge that makes it."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+def sentencepiece_score(token: str, kind: int, scores: dict[str, float]) -> float:
+    """A token's score as llama.cpp's converter would give it: from the merges for normal tokens, -1000 for
+    added and padding tokens (as `_set_vocab_sentencepiece` writes them), 0 for bytes, unk and control tokens."""
+    if kind == TokenType.NORMAL:
+        return scores.get(token, 0.0)
+    return -1000.0 if kind in (TokenType.USER_DEFINED, TokenType.UNUSED) else 0.0
+
+
 def tokenizer_metadata(directory: Path, vocab_size: int, arch: str) -> tuple[Metadata, list[str]]:
-    """tokenizer.ggml.* keys built from an HF directory's tokenizer.json; also notes for the user."""
+    """tokenizer.ggml.* keys built from an HF directory's tokenizer.json; also notes for the user.
+
+    Byte-level BPE becomes llama.cpp's `gpt2` vocabulary (tokens, types, merges, pre-tokenizer name);
+    BPE with byte fallback (the SentencePiece-derived tokenizers of Llama-2, Mistral, Mixtral, Phi-3
+    and Gemma) becomes its `llama` (SentencePiece) vocabulary: tokens, scores from the merge ranks,
+    types (BYTE for <0xNN>, UNKNOWN for the unk token) and add_space_prefix.
+    """
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise SwtoolError(f"{directory}: no tokenizer.json; GGUF output embeds the tokenizer and needs it")
@@ -174,37 +214,51 @@ def tokenizer_metadata(directory: Path, vocab_size: int, arch: str) -> tuple[Met
         model = data["model"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise SwtoolError(f"{path}: not a tokenizers JSON document ({exc})") from None
-    pre = pre_tokenizer_name(data.get("pre_tokenizer"))
     byte_level = "ByteLevel" in json.dumps(data.get("pre_tokenizer")) or "ByteLevel" in json.dumps(data.get("decoder"))
-    if model.get("type") != "BPE" or not byte_level:
+    sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback")) and not byte_level
+    if model.get("type") != "BPE" or not (byte_level or sentencepiece):
         raise SwtoolError(
-            f"{path}: a {model.get('type')} tokenizer{'' if byte_level else ' without byte-level pre-tokenization'}; "
-            "GGUF output supports byte-level BPE (gpt2-style) tokenizers"
+            f"{path}: a {model.get('type')} tokenizer{'' if byte_level else ' without byte-level pre-tokenization or byte fallback'}; "
+            "GGUF output supports byte-level BPE (gpt2-style) and byte-fallback BPE (SentencePiece-style) tokenizers"
         )
     notes = []
-    if pre is None:
-        pre = "default"
-        notes.append("tokenizer.json: pre-tokenizer not recognised; wrote tokenizer.ggml.pre = default (llama.cpp's generic byte-level split)")
     by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     kinds: dict[int, int] = {i: TokenType.NORMAL for i in by_id}
+    if sentencepiece:
+        kinds.update({i: TokenType.BYTE for i, t in by_id.items() if BYTE_TOKEN.fullmatch(t)})
+        kinds.update({i: TokenType.UNKNOWN for i, t in by_id.items() if t == model.get("unk_token")})
     for added in data.get("added_tokens") or []:
         i, text = int(added["id"]), added["content"]
         by_id[i] = text
-        kinds[i] = TokenType.CONTROL if added.get("special") or looks_special(text) else TokenType.USER_DEFINED
+        if kinds.get(i) not in (TokenType.UNKNOWN, TokenType.BYTE):
+            kinds[i] = TokenType.CONTROL if added.get("special") or looks_special(text) else TokenType.USER_DEFINED
     if max(by_id) >= vocab_size:
         raise SwtoolError(f"{path}: token id {max(by_id)} is outside the model's vocabulary of {vocab_size}")
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
     types = [int(kinds.get(i, TokenType.UNUSED)) for i in range(vocab_size)]
 
     collector = gguf.GGUFWriter(None, arch)
-    collector.add_tokenizer_model("gpt2")
-    collector.add_tokenizer_pre(pre)
-    collector.add_token_list(tokens)
-    collector.add_token_types(types)
+    if sentencepiece:
+        scores = merge_scores(model)
+        collector.add_tokenizer_model("llama")
+        collector.add_tokenizer_pre("default")
+        collector.add_token_list(tokens)
+        collector.add_token_scores([sentencepiece_score(t, k, scores) for t, k in zip(tokens, types)])
+        collector.add_token_types(types)
+        collector.add_add_space_prefix(adds_space_prefix(data))
+    else:
+        pre = pre_tokenizer_name(data.get("pre_tokenizer"))
+        if pre is None:
+            pre = "default"
+            notes.append("tokenizer.json: pre-tokenizer not recognised; wrote tokenizer.ggml.pre = default (llama.cpp's generic byte-level split)")
+        collector.add_tokenizer_model("gpt2")
+        collector.add_tokenizer_pre(pre)
+        collector.add_token_list(tokens)
+        collector.add_token_types(types)
     with _quiet_gguf_logs():
-        special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+        special = gguf.SpecialVocab(directory, load_merges=not sentencepiece, n_vocab=vocab_size)
         special.add_to_gguf(collector, quiet=True)
-    if not special.merges:
+    if not sentencepiece and not special.merges:
         notes.append("tokenizer.json has no merges; llama.cpp refuses a gpt2 tokenizer without tokenizer.ggml.merges")
     return {k: v for k, v in collector.kv_data[0].items() if k != "general.architecture"}, notes
 
