@@ -40,6 +40,29 @@ def _byte_level_pre(pre: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
+NORMAL, BYTE = 1, 6
+
+
+def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """llama.cpp's `llama` (SentencePiece) tokenizer as BPE merges.
+
+    llama.cpp repeatedly joins the adjacent pair whose joined text is the token of highest score
+    (not a Viterbi search over scores); that is BPE whose merges are every split of every token into
+    two tokens, ranked by the joined token's score.
+    """
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, (text, score, kind) in enumerate(zip(tokens, scores, types)):
+        if kind not in (NORMAL, USER_DEFINED) or len(text) < 2:
+            continue
+        for cut in range(1, len(text)):
+            left, right = text[:cut], text[cut:]
+            if left in ids and right in ids:
+                ranked.append((-float(score), i, cut, left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
 def gguf_tokenizer_json(meta: dict[str, Any]) -> str:
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -53,8 +76,7 @@ def gguf_tokenizer_json(meta: dict[str, Any]) -> str:
         tok.decoder = decoders.ByteLevel()
     elif model == "llama":
         scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-        unk = int(meta.get("tokenizer.ggml.unknown_token_id", 0))
-        tok = Tokenizer(models.Unigram([(t, float(s)) for t, s in zip(tokens, scores)], unk_id=unk, byte_fallback=True))
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=_spm_merges(tokens, scores, types), byte_fallback=True))
         steps = [normalizers.Replace(" ", "\u2581")]
         if meta.get("tokenizer.ggml.add_space_prefix", True):
             steps.insert(0, normalizers.Prepend("\u2581"))

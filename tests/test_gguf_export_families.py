@@ -92,3 +92,19 @@ def test_divisors_that_are_not_llama3_are_refused():
     with pytest.raises(SwtoolError, match="does not follow llama3 RoPE scaling"):
         llama3_scaling(divisors, llama_config(16, 10000.0))
     assert llama3_scaling(torch.ones(8), llama_config(16, 10000.0)) is None  # all ones: no scaling at all
+
+
+@pytest.mark.parametrize("style", ["prepend", "none"])
+def test_a_sentencepiece_style_vocabulary_comes_back_as_the_same_tokenizer(style, wiki_text, tmp_path):
+    """HF (byte-fallback BPE) -> GGUF `llama` vocabulary -> dequantized tokenizer.json: the same ids as the original."""
+    from tokenizers import Tokenizer
+
+    from test_gguf_families_out import write_sentencepiece_tokenizer
+
+    build("llama", tmp_path / "hf", vocab_size=1024)
+    write_sentencepiece_tokenizer(tmp_path / "hf", wiki_text[:100_000], 1000, style)
+    assert invoke("quantize", tmp_path / "hf", "-o", tmp_path / "m.gguf", "--format", "gguf", "--type", "Q8_0", "--no-keep-super", "-q").exit_code == 0
+    assert invoke("dequantize", tmp_path / "m.gguf", "-o", tmp_path / "out").exit_code == 0
+    sample = wiki_text[300_000:302_000] + " naïve 東京"
+    original = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json")).encode(sample).ids
+    assert Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).encode(sample).ids == original

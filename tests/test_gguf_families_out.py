@@ -151,13 +151,18 @@ def test_llama_cpp_runs_swtool_gguf_as_swtool_does(converted, tmp_path):
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
 
-def write_sentencepiece_tokenizer(directory: Path, text: str, size: int, prepend: bool) -> None:
-    """A SentencePiece-style tokenizer.json as Llama-2, Mistral, Phi-3 (prepend) and Gemma (no prepend)
-    ship: BPE with byte fallback over "\u2581"-for-space text, <unk> <s> </s> then the 256 byte tokens."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+def write_sentencepiece_tokenizer(directory: Path, text: str, size: int, style: str) -> None:
+    """A SentencePiece-style tokenizer.json as Llama-2, Mistral, Phi-3 and Gemma ship: BPE with byte fallback
+    over "\u2581"-for-space text, <unk> <s> </s> then the 256 byte tokens. `style`: "prepend" (normalizers
+    Prepend + Replace, older Llama files), "none" (Replace only, Gemma), "metaspace" (a Metaspace
+    pre-tokenizer that prepends, newer Llama/Mistral files)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if prepend else []) + [normalizers.Replace(" ", "\u2581")])
+    if style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    else:
+        tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if style == "prepend" else []) + [normalizers.Replace(" ", "\u2581")])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     lines = [line for line in text.split("\n") if line.strip()]
     tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=size - 256, special_tokens=SPECIALS, show_progress=False, limit_alphabet=120))
@@ -211,19 +216,22 @@ def llama_cpp_spm(meta: dict, text: str) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("family, prepend", [("llama", True), ("gemma", False)])
-def test_sentencepiece_style_tokenizers_become_llama_vocabularies(family, prepend, wiki_text, tmp_path):
+SENTENCEPIECE_CASES = [("llama", "prepend"), ("gemma", "none"), ("mixtral", "metaspace")]
+
+
+@pytest.mark.parametrize("family, style", SENTENCEPIECE_CASES)
+def test_sentencepiece_style_tokenizers_become_llama_vocabularies(family, style, wiki_text, tmp_path):
     """Byte-fallback BPE tokenizer.json -> tokenizer.ggml.model = llama with scores from the merge ranks;
     llama.cpp's SentencePiece algorithm on the written vocabulary gives the HF tokenizer's ids."""
     from tokenizers import Tokenizer
 
     build(family, tmp_path / "hf", **{**CASES[family], "vocab_size": 1024})
-    write_sentencepiece_tokenizer(tmp_path / "hf", wiki_text[:100_000], 1000, prepend)
+    write_sentencepiece_tokenizer(tmp_path / "hf", wiki_text[:100_000], 1000, style)
     out = tmp_path / "m.gguf"
     result = invoke("quantize", tmp_path / "hf", "-o", out, "--format", "gguf", "--type", "F32", "--no-keep-super", "-q")
     assert result.exit_code == 0, result.output
     meta = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items()}
-    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is prepend
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is (style != "none")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     assert len(tokens) == 1024 and tokens[3] == "<0x00>" and types[3] == gguf.TokenType.BYTE
     assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL and types[1023] == gguf.TokenType.UNUSED
@@ -231,18 +239,19 @@ def test_sentencepiece_style_tokenizers_become_llama_vocabularies(family, prepen
     hf = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
     sample = wiki_text[300_000:303_000] + " naïve café 東京 \u2603"  # characters outside the vocabulary fall back to bytes
     assert llama_cpp_spm(meta, sample) == hf.encode(sample).ids
+    assert encode(open_checkpoint(out), sample) == hf.encode(sample).ids  # swtool's reader of the file, too
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("family, prepend", [("llama", True), ("gemma", False)])
-def test_llama_cpp_tokenizes_a_sentencepiece_style_vocabulary_as_transformers(family, prepend, wiki_text, tmp_path):
+@pytest.mark.parametrize("family, style", SENTENCEPIECE_CASES)
+def test_llama_cpp_tokenizes_a_sentencepiece_style_vocabulary_as_transformers(family, style, wiki_text, tmp_path):
     """llama-perplexity on the file gives the running perplexities swtool's forward gives on the HF
     directory, tokenized by its tokenizer.json: the same tokens, chunk for chunk."""
     folder = os.environ.get("SWTOOL_LLAMA_CPP")
     if not folder:
         pytest.skip("set SWTOOL_LLAMA_CPP to the folder of llama.cpp's binaries (llama-perplexity)")
     build(family, tmp_path / "hf", **{**CASES[family], "vocab_size": 1024})
-    write_sentencepiece_tokenizer(tmp_path / "hf", wiki_text[:100_000], 1000, prepend)
+    write_sentencepiece_tokenizer(tmp_path / "hf", wiki_text[:100_000], 1000, style)
     out = tmp_path / "m.gguf"
     assert invoke("quantize", tmp_path / "hf", "-o", out, "--format", "gguf", "--type", "F32", "--no-keep-super", "-q").exit_code == 0
     text = tmp_path / "text.txt"
