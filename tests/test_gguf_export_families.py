@@ -108,3 +108,19 @@ def test_a_sentencepiece_style_vocabulary_comes_back_as_the_same_tokenizer(style
     sample = wiki_text[300_000:302_000] + " naïve 東京"
     original = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json")).encode(sample).ids
     assert Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).encode(sample).ids == original
+
+
+@pytest.mark.parametrize("case", ["llama-tied", "qwen2"])
+def test_transformers_reading_the_gguf_agrees_with_the_dequantized_directory(case, tmp_path):
+    """Where transformers' own GGUF loader handles the tiny shapes (Llama, Qwen2; its Qwen3, Phi-3 and Gemma-2/3
+    loaders build other models from these files, see README) it gives the logits of the dequantized directory."""
+    import transformers
+
+    build(case.removesuffix("-tied"), tmp_path / "hf", **CASES[case])
+    assert invoke("quantize", tmp_path / "hf", "-o", tmp_path / "m.gguf", "--format", "gguf", "--type", "Q8_0", "--no-keep-super", "-q").exit_code == 0
+    assert invoke("dequantize", tmp_path / "m.gguf", "-o", tmp_path / "out", "--dtype", "fp32").exit_code == 0
+    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5))
+    from_gguf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    _, from_dir = transformers_logits(tmp_path / "out", tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(from_gguf(tokens).logits, from_dir, rtol=1e-5, atol=1e-5)
