@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from clirun import invoke  # noqa: E402
 from swtool.checkpoint import open_checkpoint  # noqa: E402
 from swtool.tokenizer import encode  # noqa: E402
-from test_gguf_families import CASES, chunk_perplexities  # noqa: E402
-from test_gguf_families_out import FAMILIES, TEXT, add_byte_merge  # noqa: E402
+from test_gguf_families import chunk_perplexities  # noqa: E402
+from test_gguf_families_out import FAMILIES, OPTIONS, TEXT, add_byte_merge  # noqa: E402
 from tiny import build  # noqa: E402
 
 TYPES = ("F32", "Q8_0", "Q4_0")
@@ -47,7 +47,7 @@ def main() -> None:
     try:
         for case in FAMILIES:
             directory = root / case
-            build(case.removesuffix("-tied"), directory / "hf", **CASES[case])
+            build(case.split("-")[0], directory / "hf", **OPTIONS[case])
             add_byte_merge(directory / "hf")
             cells = []
             for type_name in TYPES:

@@ -19,7 +19,17 @@ from swtool.tokenizer import encode
 from test_gguf_families import CASES, chunk_perplexities, logits
 from tiny import build
 
-FAMILIES = ["llama", "llama-tied", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2", "gemma3_text", "mixtral"]
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+SCALED = {
+    "llama-llama3": {"rope_parameters": LLAMA3_ROPE, "rope_scaling": LLAMA3_ROPE},
+    "gemma3_text-linear": {**CASES["gemma3_text"], "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    }},
+}
+"""RoPE scaling llama.cpp applies its own way: llama3 through the rope_freqs tensor, linear on Gemma-3's global layers only."""
+OPTIONS = {**CASES, **SCALED}
+FAMILIES = ["llama", "llama-tied", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2", "gemma3_text", "mixtral", *SCALED]
 TYPES = ("F32", "Q8_0")
 TEXT = "The quick brown fox jumps over the lazy dog. " * 6
 
@@ -39,7 +49,7 @@ def converted(request, tmp_path_factory):
     """(family case, HF directory, {type: GGUF file written by the CLI})."""
     case = request.param
     root = tmp_path_factory.mktemp(case)
-    build(case.removesuffix("-tied"), root / "hf", **CASES[case])
+    build(case.split("-")[0], root / "hf", **OPTIONS[case])
     add_byte_merge(root / "hf")
     files = {}
     for type_name in TYPES:
