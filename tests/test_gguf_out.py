@@ -252,6 +252,9 @@ def test_models_llama_cpp_cannot_express_are_refused(tmp_path):
     build("gemma2", tmp_path / "scalar")  # the tiny default query_pre_attn_scalar (24) is not head_dim (16)
     with pytest.raises(SwtoolError, match="query_pre_attn_scalar 24: GGUF has no key for it"):
         plan_gguf(open_checkpoint(tmp_path / "scalar"), "Q8_0")
+    build("gemma2", tmp_path / "uncapped", query_pre_attn_scalar=16, attn_logit_softcapping=None)
+    with pytest.raises(SwtoolError, match="llama.cpp's gemma2 always soft-caps"):
+        plan_gguf(open_checkpoint(tmp_path / "uncapped"), "Q8_0")
     build("gemma", tmp_path / "untied", tie_word_embeddings=False)
     with pytest.raises(SwtoolError, match="untied lm_head"):
         plan_gguf(open_checkpoint(tmp_path / "untied"), "Q8_0")

@@ -128,6 +128,8 @@ def check_representable(config: ModelConfig, arch: str) -> None:
                 f"query_pre_attn_scalar {actual**-2:g}: GGUF has no key for it and llama.cpp's {arch} uses {expected**-2:g} for this shape, "
                 "so the file would compute another model"
             )
+    if arch == "gemma2" and not (config.attn_softcap and config.final_softcap):
+        raise SwtoolError("gemma2 without attention or final logit soft-capping: llama.cpp's gemma2 always soft-caps both (50 and 30 when unset)")
     if config.sliding_window and arch not in (*LLAMA_CPP_SWA_PATTERN, "phi3") and config.model_type not in ("mistral", "mixtral"):
         raise SwtoolError(f"model_type {config.model_type!r} with a sliding window: llama.cpp's {arch} architecture runs none")
 
