@@ -98,19 +98,25 @@ def test_mixtral_experts_are_one_3d_tensor_per_projection(tmp_path):
     assert torch.equal(torch.from_numpy(data[2].copy()), hf.load("model.layers.1.block_sparse_moe.experts.2.w2.weight"))
 
 
-def test_a_held_expert_super_weight_is_recorded_with_its_expert(tmp_path):
-    from swtool.checkpoint.gguf_out import plan_gguf
-    from swtool.quant.supers import Held
+def test_a_planted_expert_super_weight_is_found_held_and_recorded_with_its_expert(tmp_path):
+    """quantize --format gguf --keep-super on an HF Mixtral: its own scan finds the weight in expert 1,
+    the merged tensor holding it is raised to Q8_0, and the record names the expert."""
+    from tiny import plant
 
-    build("mixtral", tmp_path / "hf")
-    held = [Held("model.layers.1.block_sparse_moe.experts.2.w2.weight", 5, 17)]
-    plan = plan_gguf(open_checkpoint(tmp_path / "hf"), "Q4_0", super_weights=held, keep_super=True)
-    tensor = next(t for t in plan.tensors if t.name == "blk.1.ffn_down_exps.weight")
-    assert tensor.qtype.name == "Q8_0"
-    assert next(t for t in plan.tensors if t.name == "blk.0.ffn_down_exps.weight").qtype.name == "Q4_0"
-    meta = {k: v.value for k, v in plan.metadata.items() if k.startswith("swtool.super_weights.")}
+    model = build("mixtral", tmp_path / "hf", seed=1)
+    plant(model, tmp_path / "hf", [(1, 5, 17, 1)])  # expert 1 of this seed gets tokens on which channel 17 fires
+    out = tmp_path / "m.gguf"
+    result = invoke("quantize", tmp_path / "hf", "-o", out, "--format", "gguf", "--type", "Q4_0", "--keep-super")
+    assert result.exit_code == 0, result.output
+    assert "written as Q8_0" in result.output
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.1.ffn_down_exps.weight"] == "Q8_0" and types["blk.0.ffn_down_exps.weight"] == "Q4_0"
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("swtool.super_weights.")}
     assert meta["swtool.super_weights.tensor"] == ["blk.1.ffn_down_exps.weight"]
-    assert meta["swtool.super_weights.expert"] == [2] and meta["swtool.super_weights.row"] == [5]
+    assert meta["swtool.super_weights.expert"] == [1] and meta["swtool.super_weights.row"] == [5] and meta["swtool.super_weights.col"] == [17]
+    weight = open_checkpoint(out).load("model.layers.1.block_sparse_moe.experts.1.w2.weight")[5, 17]
+    assert abs(float(weight) - 30.0) < 0.2  # Q8_0 of the planted 30.0
 
 
 def test_a_model_gguf_cannot_express_is_refused_in_one_line_and_leaves_no_file(tmp_path):
