@@ -76,7 +76,9 @@ def gguf_tokenizer_json(meta: dict[str, Any]) -> str:
         tok.decoder = decoders.ByteLevel()
     elif model == "llama":
         scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=_spm_merges(tokens, scores, types), byte_fallback=True))
+        unk = meta.get("tokenizer.ggml.unknown_token_id")
+        unk_token = tokens[int(unk)] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=_spm_merges(tokens, scores, types), unk_token=unk_token, byte_fallback=True))
         steps = [normalizers.Replace(" ", "\u2581")]
         if meta.get("tokenizer.ggml.add_space_prefix", True):
             steps.insert(0, normalizers.Prepend("\u2581"))

@@ -200,7 +200,7 @@ def llama_cpp_spm(meta: dict, text: str) -> list[int]:
 
     tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
     ids = {t: i for i, t in enumerate(tokens)}
-    text = ("\u2581" if meta["tokenizer.ggml.add_space_prefix"] else "") + text.replace(" ", "\u2581")
+    text = ("\u2581" if meta.get("tokenizer.ggml.add_space_prefix", True) else "") + text.replace(" ", "\u2581")
     symbols = list(text)
     alive = [True] * len(symbols)
     nxt, prv = list(range(1, len(symbols) + 1)), list(range(-1, len(symbols) - 1))
@@ -284,3 +284,44 @@ def test_llama_cpp_tokenizes_a_sentencepiece_style_vocabulary_as_transformers(fa
     assert chunks and int(chunks.group(1)) == len(ours) >= 6  # the same number of tokens
     assert len(theirs) >= len(ours) - 1
     assert ours[: len(theirs)] == pytest.approx(theirs, rel=2e-3)
+
+
+def llama_cpp_vocabularies() -> Path:
+    """llama.cpp's own tokenizer test data: vocabulary-only GGUFs of real models with inputs and the ids
+    transformers gives them, beside the binaries (build/bin/../../models)."""
+    folder = os.environ.get("SWTOOL_LLAMA_CPP")
+    models = Path(folder).resolve().parents[1] / "models" if folder else None
+    if models is None or not (models / "ggml-vocab-llama-spm.gguf.out").is_file():
+        pytest.skip("set SWTOOL_LLAMA_CPP to llama.cpp's build/bin, with the source tree's models/ two levels up")
+    return models
+
+
+def vocabulary_cases(models: Path, name: str) -> tuple[dict, list[tuple[str, list[int]]]]:
+    from swtool.checkpoint.gguf_in import read_metadata
+
+    meta = read_metadata(gguf.GGUFReader(models / f"ggml-vocab-{name}.gguf"))
+    inputs = (models / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    outputs = (models / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").split("\n")
+    return meta, [(text, [int(i) for i in ids.split()]) for text, ids in zip(inputs, outputs)]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", ["llama-spm", "phi-3"])
+def test_real_sentencepiece_vocabularies_read_and_written_tokenize_as_transformers(name, tmp_path):
+    """Llama-2's and Phi-3's real vocabularies (llama.cpp's test files): swtool's reader of the GGUF gives
+    transformers' ids on all 47 test inputs; and written back from the tokenizer.json swtool makes of it,
+    the vocabulary llama.cpp's algorithm reads gives them too."""
+    from tokenizers import Tokenizer
+
+    from swtool.checkpoint.gguf_meta import tokenizer_metadata
+    from swtool.tokenizer import gguf_tokenizer_json
+
+    meta, cases = vocabulary_cases(llama_cpp_vocabularies(), name)
+    assert meta["tokenizer.ggml.model"] == "llama" and len(cases) == 47
+    read = Tokenizer.from_str(gguf_tokenizer_json(meta))
+    assert [read.encode(text, add_special_tokens=False).ids for text, _ in cases] == [ids for _, ids in cases]
+    (tmp_path / "tokenizer.json").write_text(gguf_tokenizer_json(meta))
+    written, _ = tokenizer_metadata(tmp_path, len(meta["tokenizer.ggml.tokens"]), "llama")
+    written = {key: value.value for key, value in written.items()}
+    assert written["tokenizer.ggml.tokens"] == meta["tokenizer.ggml.tokens"] and written["tokenizer.ggml.add_space_prefix"] is True
+    assert [llama_cpp_spm(written, text) for text, _ in cases if text] == [ids for text, ids in cases if text]
