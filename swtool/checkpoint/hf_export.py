@@ -1,8 +1,11 @@
 """Write any readable checkpoint as a plain Hugging Face directory (config.json, safetensors, tokenizer.json).
 
 This is how GGUF-only models join the rest of the ecosystem: tensors are
-streamed one at a time under their canonical names, dequantized and (for
-llama) un-permuted by the reader, and cast to the requested dtype.
+streamed one at a time under their canonical names, dequantized, un-permuted
+(llama, olmo), un-offset (Gemma's 1 + w) and split per expert (Mixtral) by the
+reader, and cast to the requested dtype. config.json names the family's
+transformers class and spells out every switch swtool's forward reads, so that
+transformers computes the model swtool computes from the GGUF.
 """
 
 from __future__ import annotations
