@@ -58,7 +58,7 @@ def main() -> None:
                     [str(Path(folder) / "llama-perplexity"), "-m", str(out), "-f", str(text), "-c", "64", "-b", "64", "-t", "1"],
                     capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": folder},
                 )
-                theirs = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+)", run.stdout + run.stderr)]
+                theirs = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+),", run.stdout + run.stderr)]
                 checkpoint = open_checkpoint(out)
                 ours = chunk_perplexities(checkpoint, encode(checkpoint, TEXT), 64)
                 worst = max(abs(a - b) / b for a, b in zip(ours, theirs)) if theirs else float("nan")
