@@ -48,7 +48,7 @@ def f32(value: float | None) -> float | None:
 
 def hf_config(config: ModelConfig, bos: int | None = None, eos: int | None = None, pad: int | None = None, attention_bias: bool = False) -> dict[str, Any]:
     """A transformers config.json describing `config`, in the v4 spelling (`rope_theta`, `rope_scaling`)
-    that transformers v4 and v5 both read; every switch swtool's forward reads for the family is written
+    that transformers v5 converts on loading; every switch swtool's forward reads for the family is written
     out, so transformers' defaults (which differ between versions) never decide."""
     family = family_of(config)
     model_type, architecture = HF_CLASSES["mistral" if config.model_type == "mistral" else family.name]
