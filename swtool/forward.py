@@ -160,8 +160,6 @@ class LayerStream:
         self.dtype = dtype
         self.device = torch.device(device)
         self.activation = ACTIVATIONS[self.family.activation]
-        if checkpoint.has("rope_factors_long.weight") or checkpoint.has("rope_factors_short.weight"):
-            raise SwtoolError(f"{checkpoint.path}: GGUF LongRoPE factor tensors are not supported yet (the HF directory is)")
         self.rope_freqs = checkpoint.load("rope_freqs.weight") if checkpoint.has("rope_freqs.weight") else None
         self.inv_freq, self.attention_factor = inverse_frequencies(self.config, self.rope_freqs)
         self.local_inv_freq = None

@@ -124,3 +124,21 @@ def test_transformers_reading_the_gguf_agrees_with_the_dequantized_directory(cas
     _, from_dir = transformers_logits(tmp_path / "out", tokens)
     with torch.no_grad():
         torch.testing.assert_close(from_gguf(tokens).logits, from_dir, rtol=1e-5, atol=1e-5)
+
+
+def test_a_longrope_gguf_dequantizes_to_the_same_phi3(tmp_path):
+    """rope_factors_long/short and the attn_factor key become the config's LongRoPE scaling again."""
+    from test_gguf_families_out import OPTIONS
+
+    build("phi3", tmp_path / "hf", **OPTIONS["phi3-longrope"])
+    assert invoke("quantize", tmp_path / "hf", "-o", tmp_path / "m.gguf", "--format", "gguf", "--type", "F32", "--no-keep-super", "-q").exit_code == 0
+    assert invoke("dequantize", tmp_path / "m.gguf", "-o", tmp_path / "out", "--dtype", "fp32").exit_code == 0
+    scaling = json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"]
+    assert scaling["rope_type"] == "longrope" and scaling["long_factor"] == [1.0, 2.0, 3.5, 6.0]
+    assert scaling["original_max_position_embeddings"] == 32 and scaling["factor"] == 8.0
+    assert not any(name.startswith("rope_factors") for name in open_checkpoint(tmp_path / "out").names())
+    for length in (20, 60):
+        tokens = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
+        _, theirs = transformers_logits(tmp_path / "out", tokens)
+        _, original = transformers_logits(tmp_path / "hf", tokens)
+        torch.testing.assert_close(theirs, original, rtol=0, atol=1e-4 * float(original.abs().max()))

@@ -4,6 +4,7 @@ and llama.cpp runs it as swtool does (with SWTOOL_LLAMA_CPP set)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -26,8 +27,14 @@ SCALED = {
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
     }},
+    "phi3-longrope": {**CASES["phi3"], "max_position_embeddings": 256, "original_max_position_embeddings": 32, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 32,
+        "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.0, 2.0, 3.5, 6.0],
+    }},
 }
-"""RoPE scaling llama.cpp applies its own way: llama3 through the rope_freqs tensor, linear on Gemma-3's global layers only."""
+"""RoPE scaling llama.cpp applies its own way: llama3 through the rope_freqs tensor, linear on Gemma-3's global layers only,
+Phi-3's LongRoPE through rope_factors_long/short (long ones here, where llama.cpp's context and swtool's 64-token
+chunks both exceed the original 32)."""
 OPTIONS = {**CASES, **SCALED}
 FAMILIES = ["llama", "llama-tied", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2", "gemma3_text", "mixtral", *SCALED]
 TYPES = ("F32", "Q8_0")
@@ -78,6 +85,25 @@ def test_swtool_reads_the_gguf_back_as_the_hf_directory(converted):
     assert float((logits(q8, tokens) - reference).abs().max()) < 0.05 * scale
     types = {t.name: t.tensor_type.name for t in q8.reader.tensors}
     assert types["blk.0.ffn_down_exps.weight" if case == "mixtral" else "blk.0.ffn_down.weight"] == "Q8_0"
+
+
+def test_phi3_longrope_travels_as_factor_tensors(tmp_path):
+    """LongRoPE becomes llama.cpp's rope_factors_long/short and attn_factor key; swtool reads them back as the
+    HF config's scaling, so prompts shorter and longer than the original context give the HF directory's logits."""
+    build("phi3", tmp_path / "hf", **OPTIONS["phi3-longrope"])
+    out = tmp_path / "m.gguf"
+    assert invoke("quantize", tmp_path / "hf", "-o", out, "--format", "gguf", "--type", "F32", "--no-keep-super", "-q").exit_code == 0
+    reader = gguf.GGUFReader(out)
+    factors = {t.name: [float(v) for v in t.data] for t in reader.tensors if t.name.startswith("rope_factors")}
+    assert factors == {"rope_factors_long.weight": [1.0, 2.0, 3.5, 6.0], "rope_factors_short.weight": pytest.approx([1.0, 1.1, 1.3, 1.6])}
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["phi3.rope.scaling.original_context_length"] == 32
+    assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + math.log(8) / math.log(32)) ** 0.5)
+    hf, gg = open_checkpoint(tmp_path / "hf"), open_checkpoint(out)
+    for length in (20, 60):  # short factors, then long ones
+        tokens = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
+        reference = logits(hf, tokens)
+        torch.testing.assert_close(logits(gg, tokens), reference, rtol=0, atol=1e-4 * float(reference.abs().max()))
 
 
 def test_mixtral_experts_are_one_3d_tensor_per_projection(tmp_path):

@@ -258,10 +258,9 @@ def test_models_llama_cpp_cannot_express_are_refused(tmp_path):
     build("gemma", tmp_path / "untied", tie_word_embeddings=False)
     with pytest.raises(SwtoolError, match="untied lm_head"):
         plan_gguf(open_checkpoint(tmp_path / "untied"), "Q8_0")
-    build("phi3", tmp_path / "longrope", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-          "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "original_max_position_embeddings": 64})
-    with pytest.raises(SwtoolError, match="rope scaling 'longrope'"):
-        plan_gguf(open_checkpoint(tmp_path / "longrope"), "Q8_0")
+    build("llama", tmp_path / "dynamic", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(SwtoolError, match="rope scaling 'dynamic'"):
+        plan_gguf(open_checkpoint(tmp_path / "dynamic"), "Q8_0")
     build("qwen2", tmp_path / "window", use_sliding_window=True, sliding_window=8, max_window_layers=0)
     with pytest.raises(SwtoolError, match="llama.cpp's qwen2 architecture runs none"):
         plan_gguf(open_checkpoint(tmp_path / "window"), "Q8_0")

@@ -12,6 +12,7 @@ unchanged for `ffn_down` (an expert's rows and columns index its slice).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 from pathlib import Path
@@ -100,9 +101,26 @@ class GGUFCheckpoint(Checkpoint):
             raise SwtoolError(f"{path}: GGUF has no token_embd.weight")
         vocab = int(embed.shape[-1])
         self.config = from_gguf(self.meta, arch, vocab, tied="output.weight" not in tensors)
+        if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+            self.config = dataclasses.replace(self.config, rope_scaling=self._longrope(tensors))
         self._expert_of: dict[str, int] = {}
         """Canonical names that are one expert's slice of a merged 3D tensor -> that expert."""
         self._entries = self._canonical_map(tensors)
+
+    def _longrope(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """Phi-3 LongRoPE as transformers spells it, from llama.cpp's factor tensors and keys."""
+        factors = {}
+        for kind in ("long", "short"):
+            tensor = tensors.get(f"rope_factors_{kind}.weight")
+            if tensor is None or tensor.tensor_type.name != "F32" or int(np.prod(tensor.shape)) * 2 != self.config.rotary_dim:
+                raise SwtoolError(f"{self.path}: LongRoPE needs rope_factors_long and rope_factors_short, F32, rotary_dim / 2 = {self.config.rotary_dim // 2} values each")
+            factors[kind] = [float(v) for v in np.asarray(tensor.data, dtype=np.float32).reshape(-1)]
+        original = int(self.meta.get(f"{self.arch}.rope.scaling.original_context_length") or self.config.max_position_embeddings)
+        scaling = {"rope_type": "longrope", "long_factor": factors["long"], "short_factor": factors["short"],
+                   "original_max_position_embeddings": original, "factor": self.config.max_position_embeddings / original}
+        if self.meta.get(f"{self.arch}.rope.scaling.attn_factor") is not None:
+            scaling["attention_factor"] = float(self.meta[f"{self.arch}.rope.scaling.attn_factor"])
+        return scaling
 
     def _canonical_map(self, tensors: dict[str, Any]) -> dict[str, Any]:
         # gguf-py's name map grows with the block count, which a hostile file can set to billions:

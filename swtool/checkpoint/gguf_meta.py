@@ -68,6 +68,8 @@ def hyperparameters(config: ModelConfig, arch: str) -> Metadata:
     llama.cpp cannot represent is refused rather than written wrong.
     """
     check_representable(config, arch)
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type")
     w = gguf.GGUFWriter(None, arch)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -90,8 +92,10 @@ def hyperparameters(config: ModelConfig, arch: str) -> Metadata:
         w.add_expert_count(config.num_experts)
         w.add_expert_used_count(config.experts_per_token)
     if arch == "phi3":  # the converter always writes both; a window of 0 marks "none"
-        w.add_rope_scaling_orig_ctx_len(int(config.extra.get("original_max_position_embeddings") or config.max_position_embeddings))
+        w.add_rope_scaling_orig_ctx_len(phi3_original_context(config))
         w.add_sliding_window(config.sliding_window or 0)
+        if kind == "longrope":
+            w.add_rope_scaling_attn_factors(longrope_attention_factor(config))
     if arch in LLAMA_CPP_SWA_PATTERN and config.sliding_window:
         w.add_sliding_window(config.sliding_window)
         w.add_sliding_window_pattern([bool(config.sliding_layers[i]) if config.sliding_layers else True for i in range(config.num_layers)])
@@ -101,8 +105,6 @@ def hyperparameters(config: ModelConfig, arch: str) -> Metadata:
         w.add_attn_logit_softcapping(config.attn_softcap)
     if config.final_softcap:
         w.add_final_logit_softcapping(config.final_softcap)
-    scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type")
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
@@ -113,11 +115,24 @@ def hyperparameters(config: ModelConfig, arch: str) -> Metadata:
     return {k: v for k, v in w.kv_data[0].items() if k != "general.architecture"}
 
 
+def phi3_original_context(config: ModelConfig) -> int:
+    return int((config.rope_scaling or {}).get("original_max_position_embeddings") or config.extra.get("original_max_position_embeddings") or config.max_position_embeddings)
+
+
+def longrope_attention_factor(config: ModelConfig) -> float:
+    """The LongRoPE attention scaling: the config's, else the converter's (and transformers') formula."""
+    scaling, original = config.rope_scaling or {}, phi3_original_context(config)
+    scale = config.max_position_embeddings / original
+    computed = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    return float(scaling.get("attention_factor") or computed)
+
+
 def check_representable(config: ModelConfig, arch: str) -> None:
     """Refuse what llama.cpp's GGUF cannot express, so no file silently computes another model."""
     kind = (config.rope_scaling or {}).get("rope_type")
-    if kind not in (None, "linear", "yarn", "llama3"):  # llama3 scaling travels as the rope_freqs tensor (swtool.checkpoint.gguf_out)
-        raise SwtoolError(f"rope scaling {kind!r}: GGUF output supports linear, yarn and llama3 scaling")
+    # llama3 scaling travels as the rope_freqs tensor, Phi-3's LongRoPE as rope_factors_long/short (swtool.checkpoint.gguf_out)
+    if kind not in (None, "linear", "yarn", "llama3") and not (kind == "longrope" and arch == "phi3"):
+        raise SwtoolError(f"rope scaling {kind!r}: GGUF output supports linear, yarn and llama3 scaling (and LongRoPE for phi3)")
     if arch in ("gemma", "gemma2") and not config.tie_embeddings:
         raise SwtoolError(f"model_type {config.model_type!r} with an untied lm_head: llama.cpp's {arch} architecture always uses the embeddings as output")
     if arch in ("gemma2", "gemma3"):

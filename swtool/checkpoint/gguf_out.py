@@ -192,9 +192,8 @@ def plan_gguf(
             qtype = QType.F16
         offset = family.gguf_norm_offset if source.endswith("norm.weight") else 0.0
         tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source), offset, stacked=stacked))
-    if checkpoint.format != "gguf" and (checkpoint.config.rope_scaling or {}).get("rope_type") == "llama3":
-        factors = llama3_rope_factors(checkpoint.config)
-        tensors.append(GGUFTensor("rope_freqs.weight", "rope_freqs.weight", tuple(factors.shape), QType.F32, values=factors))
+    for name, values in (rope_tensors(checkpoint.config) if checkpoint.format != "gguf" else {}).items():
+        tensors.append(GGUFTensor(name, name, tuple(values.shape), QType.F32, values=values))
     metadata["general.file_type"] = GGUFValue(int(FILE_TYPES[base]), GGUFValueType.UINT32)
     metadata["general.quantization_version"] = GGUFValue(gguf.GGML_QUANT_VERSION, GGUFValueType.UINT32)
     if keep_super and super_weights:
@@ -202,6 +201,17 @@ def plan_gguf(
     for key, value in (provenance or {}).items():  # swtool.provenance's fields, stored as they are named
         metadata[key] = GGUFValue(value, GGUFValueType.STRING)
     return GGUFPlan(arch, base, tensors, metadata, notes)
+
+
+def rope_tensors(config) -> dict[str, torch.Tensor]:
+    """The RoPE tensors llama.cpp's converter generates from an HF config: llama3 scaling's `rope_freqs`,
+    Phi-3 LongRoPE's `rope_factors_long` and `rope_factors_short`."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "llama3":
+        return {"rope_freqs.weight": llama3_rope_factors(config)}
+    if scaling.get("rope_type") == "longrope":
+        return {f"rope_factors_{kind}.weight": torch.tensor(scaling[f"{kind}_factor"], dtype=torch.float32) for kind in ("long", "short")}
+    return {}
 
 
 def llama3_rope_factors(config) -> torch.Tensor:

@@ -172,8 +172,6 @@ def config_json(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:
     """The config.json to write; raises before anything is written for what it cannot describe."""
     meta = getattr(checkpoint, "meta", {})
     config = checkpoint.config
-    if checkpoint.has("rope_factors_long.weight") or checkpoint.has("rope_factors_short.weight"):
-        raise SwtoolError(f"{checkpoint.path}: GGUF LongRoPE factor tensors are not supported yet")
     if checkpoint.has("rope_freqs.weight"):  # llama.cpp keeps llama3 scaling only as per-frequency divisors
         config = dataclasses.replace(config, rope_scaling=llama3_scaling(checkpoint.load("rope_freqs.weight"), config))
     family = family_of(config)
