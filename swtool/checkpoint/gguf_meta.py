@@ -55,8 +55,8 @@ def copied_metadata(reader: gguf.GGUFReader, arch: str) -> Metadata:
     return out
 
 
-LLAMA_CPP_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
-"""Architectures whose llama.cpp graph runs a sliding window on some layers (default pattern: layer i slides when i % n < n - 1)."""
+SLIDING_ARCHS = ("gemma2", "gemma3", "olmo2")
+"""Architectures whose llama.cpp graph runs a sliding window on the layers `attention.sliding_window_pattern` marks."""
 
 
 def hyperparameters(config: ModelConfig, arch: str) -> Metadata:
@@ -96,7 +96,7 @@ def hyperparameters(config: ModelConfig, arch: str) -> Metadata:
         w.add_sliding_window(config.sliding_window or 0)
         if kind == "longrope":
             w.add_rope_scaling_attn_factors(longrope_attention_factor(config))
-    if arch in LLAMA_CPP_SWA_PATTERN and config.sliding_window:
+    if arch in SLIDING_ARCHS and config.sliding_window:
         w.add_sliding_window(config.sliding_window)
         w.add_sliding_window_pattern([bool(config.sliding_layers[i]) if config.sliding_layers else True for i in range(config.num_layers)])
     if arch == "gemma3" and config.local_rope_theta is not None:
@@ -145,7 +145,7 @@ def check_representable(config: ModelConfig, arch: str) -> None:
             )
     if arch == "gemma2" and not (config.attn_softcap and config.final_softcap):
         raise SwtoolError("gemma2 without attention or final logit soft-capping: llama.cpp's gemma2 always soft-caps both (50 and 30 when unset)")
-    if config.sliding_window and arch not in (*LLAMA_CPP_SWA_PATTERN, "phi3") and config.model_type not in ("mistral", "mixtral"):
+    if config.sliding_window and arch not in (*SLIDING_ARCHS, "phi3") and config.model_type not in ("mistral", "mixtral"):
         raise SwtoolError(f"model_type {config.model_type!r} with a sliding window: llama.cpp's {arch} architecture runs none")
 
 
