@@ -151,10 +151,12 @@ class Bench:
 
     def figure7(self) -> list[tuple[str, dict]] | None:
         try:
+            from swtool.quant.importance import input_importance
             from swtool.quant.rtn import Clip, QuantSpec, dequantize, quantize
         except ImportError:
             return None
         stream = LayerStream(self.checkpoint)
+        importance = input_importance(self.checkpoint)  # what --clip auto weights errors by, as `swtool quantize` does
         roles = linear_roles(stream.family, self.checkpoint.config)
         variants = [("plain RTN", False, Clip()), ("--keep-super", True, Clip()), ("--keep-super --clip auto", True, Clip("auto"))]
         out = []
@@ -168,7 +170,7 @@ class Bench:
                     result = dict(weights)
                     for role in roles:
                         held = [(s.row, s.col) for s in self.supers if keep and s.tensor == names[role]]
-                        result[role] = dequantize(quantize(weights[role], spec, held)).to(weights[role].dtype)
+                        result[role] = dequantize(quantize(weights[role], spec, held, importance.get(names[role]))).to(weights[role].dtype)
                     return result
 
                 results[str(block)] = self.ppl(transform=transform)

@@ -24,6 +24,7 @@ from swtool.checkpoint.hf_export import export_hf, exported_names, write_model_f
 from swtool.checkpoint.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
 from swtool.errors import SwtoolError
 from swtool.quant import layout
+from swtool.quant.importance import input_importance
 from swtool.quant.rtn import QuantSpec, quantize
 from swtool.quant.supers import Held
 from swtool.quant.workers import parallel_chunks
@@ -137,11 +138,12 @@ def write_safetensors(job: QuantizeJob, directory: Path, progress: Progress | No
     metadata = layout.metadata(spec.bits, spec.block, spec.sym, str(spec.clip), dtype, held, job.provenance)
     writer = ShardedWriter(directory, plan, metadata, job.max_shard_bytes)
     report = QuantizeReport(len(wanted), len(names) - len(wanted), [(t, r, c, v) for t, rows in held.items() for r, c, v in rows])
+    importance = input_importance(checkpoint) if spec.clip.kind == "auto" else {}
     with parallel_chunks():
         for index, name in enumerate(names):
             weight = checkpoint.load(name, native_dtype(checkpoint, name))
             if name in wanted:
-                q = quantize(weight, spec, [(r, c) for r, c, _ in held.get(name, [])])
+                q = quantize(weight, spec, [(r, c) for r, c, _ in held.get(name, [])], importance.get(name))
                 del weight
                 if q.threshold is not None:
                     report.thresholds[name] = q.threshold

@@ -249,34 +249,62 @@ def _clip_blocks(flat: torch.Tensor, n: int, clip: Clip) -> None:
     run_chunks(work, _jobs(flat.numel(), n))
 
 
-def _block_errors(x: torch.Tensor, reference: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
-    """Per-block squared reconstruction error of RTN applied to x, measured against reference."""
+def _block_errors(x: torch.Tensor, reference: torch.Tensor, bits: int, sym: bool, weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-block reconstruction error of RTN applied to x against reference: squared, times each element's weight if any."""
     scale, zero = _scale_zero(x, bits, sym)
     rebuilt = _codes(x, scale, zero, bits).float().mul_(scale.float()[:, None]).add_(zero.float()[:, None])
-    return (rebuilt - reference).pow_(2).sum(dim=1)
+    error = rebuilt.sub_(reference).pow_(2)
+    return (error.mul_(weights) if weights is not None else error).sum(dim=1)
 
 
-def auto_threshold(flat: torch.Tensor, n: int, bits: int, sym: bool) -> float | None:
-    """The clipping threshold on |w| that minimises the tensor's own RTN error, or None if none helps.
+def _element_weights(importance: torch.Tensor | None, start: int, width: int, rows: torch.Tensor) -> torch.Tensor | None:
+    """The importance of each element's input column, for the given blocks of a chunk starting at flat index start."""
+    if importance is None:
+        return None
+    positions = start + rows[:, None] * width + torch.arange(width)
+    return importance[positions % importance.numel()]
 
-    Data-free: the error is ||RTN(clip(W)) - W||^2. Candidates are max|w| * 2**(-k/2)
-    (k = 1..AUTO_STEPS, stopping after AUTO_PATIENCE misses in a row), then the best is
-    refined by a quarter octave either side. Only blocks whose max |w| exceeds a
-    candidate change, so each candidate re-quantizes those alone.
+
+def auto_threshold(flat: torch.Tensor, n: int, bits: int, sym: bool, importance: torch.Tensor | None = None) -> float | None:
+    """The clipping threshold on |w| that minimises the tensor's RTN error, or None if none helps.
+
+    Data-free: the error is sum_ij (RTN(clip(W)) - W)_ij^2 * importance[j], `importance`
+    holding one weight per input column (swtool.quant.importance: the mean square of
+    that column's input on the scan prompt, so the sum approximates the output error
+    ||(W' - W) x||^2); without it every element counts alike. Candidates are
+    max|w| * 2**(-k/2) (k = 1..AUTO_STEPS, stopping after AUTO_PATIENCE misses in a
+    row), then the best is refined by a quarter octave either side. Only blocks whose
+    max |w| exceeds a candidate change, so each candidate re-quantizes those alone,
+    chunk by chunk on the worker threads; per-chunk sums are added in a fixed order,
+    so the choice never depends on the number of workers.
     """
-    parts = _parts(flat, n)
-    peaks = [part.abs().amax(dim=1) for part in parts]
-    base = [_block_errors(part, part, bits, sym) for part in parts]
-    top = max(float(p.max()) for p in peaks)
+    jobs = _jobs(flat.numel(), n)
+    blocks = -(-flat.numel() // n)
+    peaks = torch.empty(blocks)
+    base = torch.empty(blocks)
+
+    def measure(job: tuple[int, int, int, int]) -> None:
+        start, rows, width, block = job
+        x = flat[start : start + rows * width].view(rows, width)
+        peaks[block : block + rows] = x.abs().amax(dim=1).float()
+        base[block : block + rows] = _block_errors(x, x.float(), bits, sym, _element_weights(importance, start, width, torch.arange(rows)))
+
+    run_chunks(measure, jobs)
+    top = float(peaks.max())
 
     def gain(threshold: float) -> float:
-        total = 0.0
-        for part, peak, errors in zip(parts, peaks, base):
-            rows = torch.nonzero(peak > threshold).view(-1)
-            if rows.numel():
-                chosen = part.index_select(0, rows)
-                total += float(_block_errors(chosen.clamp(-threshold, threshold), chosen, bits, sym).sum() - errors[rows].sum())
-        return total
+        changes = torch.zeros(len(jobs), dtype=torch.float64)
+
+        def work(item: tuple[int, tuple[int, int, int, int]]) -> None:
+            index, (start, rows, width, block) = item
+            chosen_rows = torch.nonzero(peaks[block : block + rows] > threshold).view(-1)
+            if chosen_rows.numel():
+                chosen = flat[start : start + rows * width].view(rows, width).index_select(0, chosen_rows)
+                errors = _block_errors(chosen.clamp(-threshold, threshold), chosen.float(), bits, sym, _element_weights(importance, start, width, chosen_rows))
+                changes[index] = float(errors.double().sum() - base[block + chosen_rows].double().sum())
+
+        run_chunks(work, list(enumerate(jobs)))
+        return float(changes.sum())
 
     best, best_gain, misses = None, 0.0, 0
     for k in range(1, AUTO_STEPS + 1):
@@ -296,21 +324,26 @@ def auto_threshold(flat: torch.Tensor, n: int, bits: int, sym: bool) -> float | 
     return best
 
 
-def quantize(weight: torch.Tensor, spec: QuantSpec, held: Sequence[tuple[int, int]] = ()) -> QuantizedTensor:
-    """Quantize one weight (any float dtype, at least 1-D); `held` lists (row, col) to keep exactly."""
+def quantize(weight: torch.Tensor, spec: QuantSpec, held: Sequence[tuple[int, int]] = (), importance: torch.Tensor | None = None) -> QuantizedTensor:
+    """Quantize one weight (any float dtype, at least 1-D); `held` lists (row, col) to keep exactly.
+
+    `importance` (one weight per input column, see swtool.quant.importance) weights
+    the error that `--clip auto` minimises; other rules ignore it."""
     shape = tuple(weight.shape)
     n = spec.block_length(shape)
     columns = shape[-1] if len(shape) > 1 else 1
     flat = weight.detach().reshape(-1)
     if held or spec.clip.kind != "none":  # these edit the values: work on an fp32 copy, the caller's tensor stays untouched
         flat = flat.float() if flat.dtype != torch.float32 else flat.clone()
+    if importance is not None and importance.numel() != columns:
+        raise ValueError(f"importance has {importance.numel()} column weights for a weight of shape {list(shape)}")
     positions = [row * columns + col for row, col in held]
     kept = [(row, col, float(flat[p].half())) for (row, col), p in zip(held, positions)]
     # otherwise flat keeps the source dtype (bf16, fp16, fp32): min/max are exact in it and _codes upcasts chunk by chunk
     _hold_out(flat, n, positions)
     threshold = None
     if spec.clip.kind == "auto":
-        threshold = auto_threshold(flat, n, spec.bits, spec.sym)
+        threshold = auto_threshold(flat, n, spec.bits, spec.sym, importance)
         if threshold is not None:
             flat.clamp_(-threshold, threshold)
     elif spec.clip.kind != "none":
