@@ -153,6 +153,45 @@ def test_clip_auto_never_worse_than_no_clip_and_clips_heavy_tails():
     assert rtn.quantize(uniform, rtn.QuantSpec(8, 64, clip=rtn.Clip("auto"))).threshold is None
 
 
+def test_clip_auto_weighted_by_input_keeps_a_weight_that_reads_a_massive_activation():
+    # The bug SmolLM2 showed: the largest weights of a down_proj read the super activation's
+    # channel, and least-MSE clipping (every element alike) cut them to a fraction of their size.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 128, generator=g) * 0.02
+    spots = torch.randint(0, w.numel(), (20,), generator=g)  # ordinary outliers, 10-15 std
+    w.view(-1)[spots] = (torch.rand(20, generator=g) * 0.1 + 0.2) * torch.randn(20, generator=g).sign()
+    w[5, 7] = 0.4
+    importance = torch.ones(128)
+    importance[7] = 1e4  # column 7's input is massive, as at a super activation
+    spec = rtn.QuantSpec(4, "tensor", clip=rtn.Clip("auto"))
+    plain, weighted = rtn.quantize(w, spec), rtn.quantize(w, spec, importance=importance)
+    assert plain.threshold is not None and plain.threshold < 0.5 * 0.4  # least plain MSE clips it
+    assert weighted.threshold is None or weighted.threshold >= 0.4
+    x = torch.randn(128, 64, generator=g) * importance.sqrt()[:, None]  # inputs with those mean squares
+    output_error = {name: float(((rtn.dequantize(q) - w) @ x).pow(2).sum()) for name, q in (("plain", plain), ("weighted", weighted))}
+    assert output_error["weighted"] < output_error["plain"] / 3
+    with pytest.raises(ValueError, match="column weights"):
+        rtn.quantize(w, spec, importance=torch.ones(127))
+
+
+def test_clip_auto_weighted_still_clips_where_inputs_are_even():
+    w = torch.distributions.StudentT(2.0).sample((128, 128)) * 0.02
+    spec = rtn.QuantSpec(4, "tensor", clip=rtn.Clip("auto"))
+    assert rtn.quantize(w, spec, importance=torch.full((128,), 3.0)).threshold == rtn.quantize(w, spec).threshold is not None
+
+
+def test_clip_auto_threshold_independent_of_chunks_and_workers(monkeypatch):
+    from swtool.quant.workers import parallel_chunks
+
+    w = torch.distributions.StudentT(2.0).sample((64, 100)).reshape(-1) * 0.02
+    importance = torch.rand(100) + 0.1
+    whole = rtn.auto_threshold(w.clone(), 300, 4, False, importance)
+    monkeypatch.setattr(rtn, "CHUNK", 900)  # several chunks, and a shorter last block
+    with parallel_chunks(2):
+        chunked = rtn.auto_threshold(w.clone(), 300, 4, False, importance)
+    assert whole is not None and chunked == whole
+
+
 def test_deterministic_and_dtype_independent():
     w = weight().bfloat16()
     spec = rtn.QuantSpec(3, 100)
