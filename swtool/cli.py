@@ -233,7 +233,7 @@ def quantize(
     bits: Annotated[int, typer.Option(help="Bits per weight: 8, 4, 3 or 2.", rich_help_panel="Quantization")] = 4,
     block: Annotated[str, typer.Option(help="Block: N consecutive elements of the row-major (out, in) weight, 'channel' (one row) or 'tensor'.", rich_help_panel="Quantization")] = "512",
     sym: Annotated[bool, typer.Option("--sym", help="Symmetric absmax scales instead of asymmetric min-max.", rich_help_panel="Quantization")] = False,
-    clip: Annotated[str, typer.Option(help="Outlier clipping: none, z:K (per block, mean|w| + K std|w|), pct:P (per block, the 1-P quantile of |w|) or auto (per tensor, least own error).", rich_help_panel="Quantization")] = "none",
+    clip: Annotated[str, typer.Option(help="Outlier clipping: none, z:K (per block, mean|w| + K std|w|), pct:P (per block, the 1-P quantile of |w|) or auto (per tensor, least error weighted by each input column's mean square on the scan prompt).", rich_help_panel="Quantization")] = "none",
     include_embeddings: Annotated[bool, typer.Option("--include-embeddings", help="Quantize the token embeddings too.", rich_help_panel="Quantization")] = False,
     include_head: Annotated[bool, typer.Option("--include-head", help="Quantize the LM head too.", rich_help_panel="Quantization")] = False,
     keep_super: Annotated[bool, typer.Option("--keep-super/--no-keep-super", help="Hold super weights out of quantization and keep them exactly (fp16); with --format gguf they stay in their tensors, written at --super-type.", rich_help_panel="Super weights")] = True,

@@ -136,17 +136,6 @@ class QuantizedTensor:
     """The clipping threshold --clip auto chose (None: no clipping helped, or another rule)."""
 
 
-def _parts(flat: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """2-D views (blocks, n) of a flat tensor: the full blocks, then the shorter last block if any."""
-    full = flat.numel() // n * n
-    parts = []
-    if full:
-        parts.append(flat[:full].view(-1, n))
-    if full < flat.numel():
-        parts.append(flat[full:].view(1, -1))
-    return parts
-
-
 def _scale_zero(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row fp16 scale and zero point of a (blocks, n) tensor."""
     if sym:
