@@ -371,7 +371,9 @@ def write_report(args, bench: Bench, results: dict) -> None:
         lines += [
             "## Figure 7: 4-bit asymmetric RTN against block size",
             "",
-            "All linear layers quantized with `swtool.quant.rtn` (the quantize command's code), dequantized in memory.",
+            "All linear layers quantized with `swtool.quant.rtn` (the quantize command's code), dequantized in memory. "
+            "`--clip auto` picks one threshold per tensor minimising its reconstruction error with each input column weighted by "
+            "the mean square of its input on the scan prompt (`swtool.quant.importance`; no text corpus).",
             "",
             "![Figure 7](figure7_rtn_blocks.png)",
             "",
