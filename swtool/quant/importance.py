@@ -48,7 +48,7 @@ def input_importance(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
         squares[(layer, role)] = x.reshape(-1, x.shape[-1]).float().pow(2).mean(dim=0)
         return x
 
-    stream = LayerStream(checkpoint, dtype, input_hook=record, recycle=True)
+    stream = LayerStream(checkpoint, dtype, input_hook=record)
     with torch.no_grad():
         h = stream.embed(torch.tensor([encode(checkpoint, prompt or DEFAULT_PROMPT)]))
         for layer in stream.layers():
