@@ -7,7 +7,9 @@ random checkpoint) runs in children. Throughput is MB (10^6 bytes) of *source* w
 stored bytes of the tensors being quantized) per second of wall time.
 
 - `core`: the same tensors (those `swtool quantize` selects) are loaded one at a
-  time and quantized; only the quantize call is timed. swtool: rtn.quantize
+  time and quantized; only the quantize call is timed, in wall seconds and in CPU
+  seconds of the whole process (user+sys of all threads, `time.process_time`),
+  which a busy machine disturbs much less. swtool: rtn.quantize
   (codes packed, scales, zero points), gguf-py: gguf.quants.quantize on the fp32
   numpy array (what its converter does).
 - `cli`: the whole `swtool quantize` command (read, hash inputs, quantize, pack,
@@ -35,16 +37,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "fixtures"))
 
+LAST_CPU = 0.0
 TINYLLAMA = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 
 
 def run_child(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB, stdout) of one child process."""
+    """(wall seconds, peak RSS in MB, stdout) of one child process; its user+sys CPU seconds go to LAST_CPU."""
+    global LAST_CPU
     started = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
     out = proc.stdout.read().decode() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
+    LAST_CPU = usage.ru_utime + usage.ru_stime
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"child failed ({status}): {' '.join(args)}")
     return wall, usage.ru_maxrss / 1024, out
@@ -102,7 +107,7 @@ def child(kind: str, source: Path, setting: str) -> None:
 
     checkpoint = open_checkpoint(source)
     names = targets(checkpoint)
-    seconds, nbytes = 0.0, 0
+    seconds, cpu, nbytes = 0.0, 0.0, 0
     if kind == "gguf":
         import gguf
 
@@ -110,9 +115,10 @@ def child(kind: str, source: Path, setting: str) -> None:
         for name in names:
             array = checkpoint.load(name, torch.float32).numpy()
             nbytes += array.size * native_dtype(checkpoint, name).itemsize
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             gguf.quants.quantize(array, qtype)
             seconds += time.perf_counter() - started
+            cpu += time.process_time() - started_cpu
             del array
     else:
         from swtool.quant.rtn import QuantSpec, parse_block, quantize
@@ -125,11 +131,15 @@ def child(kind: str, source: Path, setting: str) -> None:
             for name in names:
                 weight = checkpoint.load(name, native_dtype(checkpoint, name))
                 nbytes += weight.numel() * weight.element_size()
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 quantize(weight, spec)
                 seconds += time.perf_counter() - started
+                cpu += time.process_time() - started_cpu
                 del weight
-    print(json.dumps({"seconds": seconds, "bytes": nbytes, "threads": torch.get_num_threads(), "numpy": np.__version__}))
+    from swtool.quant import native
+
+    native.kernels()
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "bytes": nbytes, "threads": torch.get_num_threads(), "numpy": np.__version__, "native": native.status}))
 
 
 def largest_tensor_fp32_mb(source: Path) -> float:
@@ -164,14 +174,18 @@ def bench_source(label: str, source: Path, work: Path) -> list[dict]:
     print(f"\n## {label}: largest tensor {largest:.0f} MB in fp32; interpreter with swtool, torch, gguf imported: {interp:.0f} MB RSS", file=sys.stderr)
     configs = [("gguf-py", "gguf", "Q8_0", {}), ("gguf-py", "gguf", "Q4_0", {}),
                ("swtool", "ours", "8/32", {}), ("swtool", "ours", "4/32", {}), ("swtool", "ours", "4/512", {}),
-               ("swtool 1 thread", "ours", "4/32", {"OMP_NUM_THREADS": "1"})]
+               ("swtool 1 thread", "ours", "4/32", {"OMP_NUM_THREADS": "1"}),
+               ("swtool torch path", "ours", "4/32", {"SWTOOL_NATIVE": "0"})]
     for engine, kind, setting, env in configs:
         wall, rss, out = run_child([py, me, "--child", kind, str(source), setting], env)
         result = json.loads(out.strip().splitlines()[-1])
         row = {"source": label, "mode": "core", "engine": engine, "setting": setting, "mb_per_s": result["bytes"] / 1e6 / result["seconds"],
-               "seconds": result["seconds"], "source_mb": result["bytes"] / 1e6, "peak_rss_mb": rss}
+               "seconds": result["seconds"], "cpu_seconds": result["cpu"], "source_mb": result["bytes"] / 1e6, "peak_rss_mb": rss,
+               "load": os.getloadavg()[0]}
         rows.append(row)
-        print(f"{label:>10} core {engine:<16} {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({result['seconds']:.2f} s for {row['source_mb']:.0f} MB)  peak RSS {rss:.0f} MB", file=sys.stderr)
+        note = f"  [{result['native']}]" if kind == "ours" else ""
+        print(f"{label:>10} core {engine:<18} {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({result['seconds']:.2f} s wall, {result['cpu']:.2f} s CPU "
+              f"for {row['source_mb']:.0f} MB)  peak RSS {rss:.0f} MB  load {row['load']:.1f}{note}", file=sys.stderr)
     supers = work / "super.json"
     supers.write_text(json.dumps({"super_weights": [{"tensor": "model.layers.1.mlp.down_proj.weight", "row": 3, "col": 5}]}))
     source_mb = next(r["source_mb"] for r in rows if r["engine"] == "swtool")
@@ -182,10 +196,11 @@ def bench_source(label: str, source: Path, work: Path) -> list[dict]:
         wall, rss, _ = run_child([py, "-m", "swtool.cli", "quantize", str(source), "-o", str(out_dir), "--bits", bits, "--block", block, "--super", str(supers), "-q"])
         shutil.rmtree(out_dir, ignore_errors=True)
         row = {"source": label, "mode": "cli", "engine": "swtool quantize", "setting": setting, "mb_per_s": source_mb / wall, "seconds": wall,
-               "source_mb": source_mb, "peak_rss_mb": rss, "largest_fp32_mb": largest, "interpreter_mb": interp}
+               "cpu_seconds": LAST_CPU, "source_mb": source_mb, "peak_rss_mb": rss, "largest_fp32_mb": largest, "interpreter_mb": interp,
+               "load": os.getloadavg()[0]}
         rows.append(row)
         verdict = "met" if rss < 2 * largest + interp else "NOT met"
-        print(f"{label:>10} cli  swtool quantize  {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({wall:.1f} s)  peak RSS {rss:.0f} MB "
+        print(f"{label:>10} cli  swtool quantize  {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({wall:.1f} s wall, {LAST_CPU:.1f} s CPU)  peak RSS {rss:.0f} MB "
               f"(target < 2 x {largest:.0f} + {interp:.0f} = {2 * largest + interp:.0f} MB: {verdict})", file=sys.stderr)
     return rows
 
@@ -233,16 +248,19 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(big, ignore_errors=True)
 
-    print("\n| source | mode | engine | setting | MB/s | s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| source | mode | engine | setting (bits/block) | MB/s | s (wall) | CPU s | peak RSS MB | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['source']} | {r['mode']} | {r['engine']} | {r['setting']} | {r['mb_per_s']:.1f} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
+        cpu = f"{r['cpu_seconds']:.2f}" if "cpu_seconds" in r else ""
+        print(f"| {r['source']} | {r['mode']} | {r['engine']} | {r['setting']} | {r['mb_per_s']:.1f} | {r['seconds']:.2f} | {cpu} | {r['peak_rss_mb']:.0f} | {r['load']:.1f} |")
     for source in dict.fromkeys(r["source"] for r in rows):
-        core = {(r["engine"], r["setting"]): r["mb_per_s"] for r in rows if r["source"] == source and r["mode"] == "core"}
-        print(f"\n{source}: swtool 8/32 vs gguf-py Q8_0 {core[('swtool', '8/32')] / core[('gguf-py', 'Q8_0')]:.2f}x; "
-              f"swtool 4/32 vs gguf-py Q4_0 {core[('swtool', '4/32')] / core[('gguf-py', 'Q4_0')]:.2f}x; "
-              f"swtool 4/512 vs gguf-py Q4_0 {core[('swtool', '4/512')] / core[('gguf-py', 'Q4_0')]:.2f}x; "
-              f"swtool 4/32 one thread vs gguf-py Q4_0 {core[('swtool 1 thread', '4/32')] / core[('gguf-py', 'Q4_0')]:.2f}x")
+        core = {(r["engine"], r["setting"]): r for r in rows if r["source"] == source and r["mode"] == "core"}
+        pairs = [(("swtool", "8/32"), ("gguf-py", "Q8_0")), (("swtool", "4/32"), ("gguf-py", "Q4_0")), (("swtool", "4/512"), ("gguf-py", "Q4_0")),
+                 (("swtool 1 thread", "4/32"), ("gguf-py", "Q4_0")), (("swtool torch path", "4/32"), ("gguf-py", "Q4_0"))]
+        print(f"\n{source}, swtool / gguf-py (wall; CPU):")
+        for ours, theirs in pairs:
+            a, b = core[ours], core[theirs]
+            print(f"  {ours[0]} {ours[1]} vs {theirs[0]} {theirs[1]}: {b['seconds'] / a['seconds']:.2f}x; {b['cpu_seconds'] / a['cpu_seconds']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -18,6 +18,7 @@ Layouts (GGML, little-endian), per block of 32 values:
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from swtool.quant import native
 
 QType = GGMLQuantizationType
 
@@ -208,15 +211,32 @@ def encoded_nbytes(shape: tuple[int, ...], qtype: QType) -> int:
     return count // block * size
 
 
+NATIVE: dict[QType, str] = {
+    QType.Q8_0: "ggml_q8_0",
+    QType.Q4_0: "ggml_q4_0",
+    QType.Q4_1: "ggml_q4_1",
+    QType.Q5_0: "ggml_q5_0",
+    QType.Q5_1: "ggml_q5_1",
+    QType.BF16: "ggml_bf16",
+    QType.F16: "ggml_f16",
+}
+"""The C kernel (swtool/quant/kernels.c) of each codec; Q4_1/Q5_1 also flag blocks for CODECS to redo."""
+
+
 def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = None) -> np.ndarray:
     """`data` (any float dtype, last axis = rows) as a contiguous uint8 array of GGML `qtype` bytes.
 
     Non-finite values raise NonFiniteError (gguf-py would write garbage blocks).
     Otherwise the bytes equal `gguf.quants.quantize(data.astype(float32), qtype).tobytes()`;
     the shape is (*data.shape[:-1], bytes per row). Chunks of blocks are encoded
-    on `threads` worker threads (default: torch's intra-op thread count).
+    on `threads` worker threads (default: torch's intra-op thread count), by the
+    C kernels where they compiled (reading fp16/bf16 sources without an fp32 copy),
+    else by the torch codecs.
     """
-    values = torch.as_tensor(data).to(torch.float32)
+    values = torch.as_tensor(data)
+    lib = native.kernels()
+    if lib is None or qtype == QType.F32 or native.dtype_code(values.dtype) is None:
+        values = values.to(torch.float32)
     shape = tuple(values.shape)
     if not can_encode(shape, qtype):
         raise ValueError(f"row length {shape[-1] if shape else 0} is not a multiple of the {qtype.name} block size {block_size(qtype)}")
@@ -226,18 +246,23 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
             raise NonFiniteError("holds NaN or infinite values")
         out.reshape(-1)[:] = values.contiguous().reshape(-1).view(torch.uint8).numpy()
         return out
-    codec = CODECS[qtype]
     block = block_size(qtype)
-    flat_in = values.reshape(-1, block)
-    flat_out = torch.from_numpy(out.reshape(flat_in.shape[0], -1))
     step = max(1, CHUNK_ELEMENTS // block)
+    count = values.numel() // block
+    flat_out = torch.from_numpy(out.reshape(count, -1))
+    codec = CODECS[qtype]
+    if lib is not None:
+        values = values.contiguous()
+        run = _native_chunks(lib, qtype, values, flat_out, step)
+    else:
+        flat_in = values.reshape(-1, block)
 
-    def run(start: int) -> None:
-        witness = codec(flat_in[start : start + step].contiguous(), flat_out[start : start + step])
-        if not bool(torch.isfinite(witness).all()):
-            raise NonFiniteError("holds NaN or infinite values")
+        def run(start: int) -> None:
+            witness = codec(flat_in[start : start + step].contiguous(), flat_out[start : start + step])
+            if not bool(torch.isfinite(witness).all()):
+                raise NonFiniteError("holds NaN or infinite values")
 
-    starts = range(0, flat_in.shape[0], step)
+    starts = range(0, count, step)
     workers = min(threads or torch.get_num_threads(), len(starts))
     with one_kernel_thread():
         if workers <= 1:
@@ -247,6 +272,33 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(run, starts))
     return out
+
+
+def _native_chunks(lib, qtype: QType, values: torch.Tensor, flat_out: torch.Tensor, step: int) -> Callable[[int], None]:
+    """The chunk function calling `qtype`'s C kernel on blocks [start, start + step) of contiguous `values`."""
+    function = getattr(lib, NATIVE[qtype])
+    block, size = GGML_QUANT_SIZES[qtype]
+    code = native.dtype_code(values.dtype)
+    count = flat_out.shape[0]
+    source, target, itemsize = values.data_ptr(), flat_out.data_ptr(), values.element_size()
+    blocks_in = values.view(-1, block)
+    affine = qtype in (QType.Q4_1, QType.Q5_1)
+
+    def run(start: int) -> None:
+        rows = min(step, count - start)
+        args = [source + start * block * itemsize, code, rows, target + start * size]
+        if affine:
+            flags, flagged = np.empty(rows, dtype=np.uint8), ctypes.c_int64(0)
+            args += [flags.ctypes.data, ctypes.addressof(flagged)]
+        if function(*args) != 0:
+            raise NonFiniteError("holds NaN or infinite values")
+        if affine and flagged.value:  # a zero max or min: its sign comes from numpy's reduction
+            redo = torch.from_numpy(np.flatnonzero(flags) + start)
+            fixed = torch.empty(len(redo), size, dtype=torch.uint8)
+            CODECS[qtype](blocks_in[redo].to(torch.float32), fixed)
+            flat_out[redo] = fixed
+
+    return run
 
 
 @contextmanager

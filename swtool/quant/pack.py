@@ -20,6 +20,7 @@ import math
 import torch
 
 from swtool.errors import SwtoolError
+from swtool.quant import native
 from swtool.quant.workers import run_chunks
 
 WIDTHS = (2, 3, 4, 8)
@@ -54,6 +55,15 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     words = flat.contiguous().view(WORDS[per_group])
     out = torch.empty(words.numel(), nbytes, dtype=torch.uint8)
     mask = (1 << bits) - 1
+    lib = native.kernels()
+    if lib is not None:  # the same bytes in one pass (swtool/quant/kernels.c)
+        source, target = words.data_ptr(), out.data_ptr()
+
+        def work(start: int) -> None:
+            lib.pack_codes(source + start * per_group, min(CHUNK_GROUPS, words.numel() - start), bits, target + start * nbytes)
+
+        run_chunks(work, range(0, words.numel(), CHUNK_GROUPS))
+        return out.view(-1)
 
     def work(start: int) -> None:
         word = words[start : start + CHUNK_GROUPS]

@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 import torch
 
 from swtool.errors import SwtoolError
+from swtool.quant import native
 from swtool.quant.pack import WIDTHS, pack, unpack
 from swtool.quant.workers import run_chunks
 
-CHUNK = 1 << 20
-"""Elements processed per vectorised step (a whole number of blocks, at least one)."""
+CHUNK = 1 << 18
+"""Elements processed per vectorised step (a whole number of blocks, at least one): small enough
+that a 1M-element tensor (SmolLM2's) still gives each worker thread chunks."""
 
 AUTO_STEPS = 12
 AUTO_PATIENCE = 2
@@ -177,19 +179,44 @@ def _jobs(numel: int, n: int) -> list[tuple[int, int, int, int]]:
 
 
 def _quantize_flat(flat: torch.Tensor, n: int, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unpacked codes (uint8, flat), scales and zeros (fp16, per block) of a flat float tensor."""
+    """Unpacked codes (uint8, flat), scales and zeros (fp16, per block) of a flat float tensor.
+
+    Each chunk goes through the C kernel where it compiled (one read of the source
+    per pass, no fp32 temporaries; swtool/quant/kernels.c), else through torch.
+    Both write the same bytes. Blocks whose min or max is a zero of either sign,
+    and chunks the kernel refuses (NaN, infinity, fp16 overflow), take the torch
+    path: it decides the stored sign of that zero and raises the right error.
+    """
     blocks = -(-flat.numel() // n)
     codes = torch.empty(flat.numel(), dtype=torch.uint8)
     scales = torch.empty(blocks, dtype=torch.float16)
     zeros = torch.empty(blocks, dtype=torch.float16)
+    lib = native.kernels()
+    code = native.dtype_code(flat.dtype) if flat.is_contiguous() else None
+
+    def reference(x: torch.Tensor, at: slice, block: int) -> None:
+        scale, zero = _scale_zero(x, bits, sym)
+        scales[block : block + x.shape[0]] = scale
+        zeros[block : block + x.shape[0]] = zero
+        codes[at].view(x.shape).copy_(_codes(x, scale, zero, bits))
 
     def work(job: tuple[int, int, int, int]) -> None:
         start, rows, width, block = job
         x = flat[start : start + rows * width].view(rows, width)
-        scale, zero = _scale_zero(x, bits, sym)
-        scales[block : block + rows] = scale
-        zeros[block : block + rows] = zero
-        codes[start : start + rows * width].view(rows, width).copy_(_codes(x, scale, zero, bits))
+        if lib is None or code is None:
+            reference(x, slice(start, start + rows * width), block)
+            return
+        flags = torch.zeros(rows, dtype=torch.uint8)
+        status = lib.rtn_quantize(
+            x.data_ptr(), code, rows, width, bits, int(sym), codes.data_ptr() + start,
+            scales.data_ptr() + 2 * block, zeros.data_ptr() + 2 * block, flags.data_ptr(),
+        )
+        if status != 0:
+            reference(x, slice(start, start + rows * width), block)
+            return
+        for row in flags.nonzero().view(-1).tolist():
+            at = start + row * width
+            reference(x[row : row + 1], slice(at, at + width), block + row)
 
     run_chunks(work, _jobs(flat.numel(), n))
     return codes, scales, zeros
