@@ -8,8 +8,11 @@ On SmolLM2-135M-Instruct (the Q4_1 GGUF from fixtures/fetch.py):
 4. llama-perplexity runs every file on the same Wikipedia text.
 
 Prints a markdown table (perplexity, file size, time to write the file: for
-swtool from opening the input to the renamed output, for llama-quantize the
-whole process) and the exact commands. Needs SWTOOL_LLAMA_CPP (the llama.cpp bin folder).
+swtool from opening the input to the renamed output, in this process; for
+llama-quantize the whole process, wall and user+sys CPU) and the exact
+commands; then, for Q8_0 and Q4_0, the whole `swtool quantize` command as a
+process against llama-quantize, --repeat times each, alternating. Needs
+SWTOOL_LLAMA_CPP (the llama.cpp bin folder).
 
     SWTOOL_LLAMA_CPP=/path/to/llama.cpp/build/bin python bench/llamacpp_compare.py --ctx 512 --chunks 20 --threads 2
 """
@@ -36,17 +39,33 @@ from swtool.checkpoint.gguf_out import plan_gguf, save_gguf
 from swtool.quant.supers import Held  # noqa: E402
 
 
-def swtool_write(source: Path, out: Path, type_name: str, **options) -> float:
-    start = time.perf_counter()
+def swtool_write(source: Path, out: Path, type_name: str, **options) -> tuple[float, float]:
+    """(wall, CPU) seconds of writing `out` in this process (imports excluded)."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     checkpoint = open_checkpoint(source)
     save_gguf(checkpoint, plan_gguf(checkpoint, type_name, **options), out, force=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def llama_quantize(bin_dir: Path, source: Path, out: Path, type_name: str, threads: int) -> float:
+def timed_process(command: list[str]) -> tuple[float, float]:
+    """(wall, user+sys CPU) seconds of one child process."""
     start = time.perf_counter()
-    subprocess.run([str(bin_dir / "llama-quantize"), str(source), str(out), type_name, str(threads)], check=True, capture_output=True)
-    return time.perf_counter() - start
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{err.decode()[-2000:]}")
+    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime
+
+
+def llama_quantize(bin_dir: Path, source: Path, out: Path, type_name: str, threads: int) -> tuple[float, float]:
+    return timed_process([str(bin_dir / "llama-quantize"), str(source), str(out), type_name, str(threads)])
+
+
+def swtool_command(source: Path, out: Path, type_name: str) -> tuple[float, float]:
+    """The whole `swtool quantize --format gguf` process (interpreter start, imports, hashing the input)."""
+    return timed_process([sys.executable, "-m", "swtool.cli", "quantize", str(source), "-o", str(out), "--format", "gguf",
+                          "--type", type_name, "--no-keep-super", "--force", "-q"])
 
 
 def perplexity(bin_dir: Path, model: Path, text: Path, ctx: int, chunks: int, threads: int) -> tuple[float, float, float]:
@@ -80,6 +99,7 @@ def main() -> None:
     parser.add_argument("--text-chars", type=int, default=200_000, help="Wikipedia characters given to llama-perplexity")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/swtool-llamacpp-bench"))
     parser.add_argument("--skip-perplexity", action="store_true", help="only write the files and time that")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each whole-process timing")
     args = parser.parse_args()
     bin_dir = Path(os.environ.get("SWTOOL_LLAMA_CPP", ""))
     if not (bin_dir / "llama-perplexity").is_file():
@@ -90,7 +110,8 @@ def main() -> None:
     text.write_text(wiki_text(args.text_chars))
 
     f16 = work / "smollm2-f16.gguf"
-    rows: list[tuple[str, Path, float]] = [("swtool F16 (source of the rest)", f16, swtool_write(smollm2_gguf(), f16, "F16"))]
+    print(f"# load average at start: {os.getloadavg()[0]:.1f}", flush=True)
+    rows: list[tuple[str, Path, tuple[float, float]]] = [("swtool F16 (source of the rest)", f16, swtool_write(smollm2_gguf(), f16, "F16"))]
 
     from swtool.detect import scan
 
@@ -111,14 +132,27 @@ def main() -> None:
         rows.append((f"swtool Q4_0 --keep-super --super-type {super_type}", out, seconds))
 
     print(f"\nllama-perplexity -f wiki.txt ({args.text_chars} chars of Wikipedia) -c {args.ctx} --chunks {args.chunks} -t {args.threads}\n")
-    print("| file | size (MB) | write time (s) | perplexity | ppl eval time (s) |")
-    print("|---|---:|---:|---:|---:|")
-    for label, path, seconds in rows:
+    print("| file | size (MB) | write wall (s) | write CPU (s) | perplexity | ppl eval time (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, path, (wall, cpu) in rows:
         if args.skip_perplexity:
-            print(f"| {label} | {path.stat().st_size / 1e6:.1f} | {seconds:.1f} | | |", flush=True)
+            print(f"| {label} | {path.stat().st_size / 1e6:.1f} | {wall:.2f} | {cpu:.2f} | | |", flush=True)
             continue
         ppl, err, eval_seconds = perplexity(bin_dir, path, text, args.ctx, args.chunks, args.threads)
-        print(f"| {label} | {path.stat().st_size / 1e6:.1f} | {seconds:.1f} | {ppl:.4f} ± {err:.4f} | {eval_seconds:.0f} |", flush=True)
+        print(f"| {label} | {path.stat().st_size / 1e6:.1f} | {wall:.2f} | {cpu:.2f} | {ppl:.4f} ± {err:.4f} | {eval_seconds:.0f} |", flush=True)
+
+    print(f"\nWhole processes from the F16 file, best and median of {args.repeat} alternating runs (load average {os.getloadavg()[0]:.1f}):\n")
+    print("| type | command | best wall (s) | median wall (s) | best CPU (s) | median CPU (s) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for type_name in ("Q8_0", "Q4_0"):
+        times: dict[str, list[tuple[float, float]]] = {"swtool quantize": [], "llama-quantize": []}
+        for _ in range(args.repeat):
+            times["swtool quantize"].append(swtool_command(f16, work / f"cli-{type_name}.gguf", type_name))
+            times["llama-quantize"].append(llama_quantize(bin_dir, f16, work / f"llamacpp-{type_name}.gguf", type_name, args.threads))
+        for command, runs in times.items():
+            walls, cpus = sorted(w for w, _ in runs), sorted(c for _, c in runs)
+            print(f"| {type_name} | {command} | {walls[0]:.2f} | {walls[len(walls) // 2]:.2f} | {cpus[0]:.2f} | {cpus[len(cpus) // 2]:.2f} |", flush=True)
+    print(f"\n# load average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -132,9 +132,25 @@ class _Cursor:
                 )
             if item in SCALAR_SIZES:
                 self.skip(count * SCALAR_SIZES[item], f"array {key}")
-            else:
-                for _ in range(count):
-                    self.value(item_raw, key, depth + 1)
+                return
+            if item == gguf.GGUFValueType.STRING:
+                count -= self.strings(count)  # the rest, if any, fails below with value()'s message
+            for _ in range(count):
+                self.value(item_raw, key, depth + 1)
+
+    def strings(self, count: int) -> int:
+        """Step over up to `count` strings that lie within the file, in one loop (a vocabulary is
+        ~100,000 of them); how many it stepped over."""
+        data, fmt, end, pos = self.data, self.order + "Q", len(self.data), self.pos
+        unpack = struct.unpack_from
+        done = 0
+        while done < count and pos + 8 <= end:
+            stop = pos + 8 + unpack(fmt, data, pos)[0]
+            if stop > end:
+                break
+            pos, done = stop, done + 1
+        self.pos = pos
+        return done
 
 
 def _map(path: Path) -> mmap.mmap | bytes:

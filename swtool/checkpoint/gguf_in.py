@@ -32,6 +32,8 @@ ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 EXPERT = re.compile(r"\.experts\.(\d+)\.")
 """A per-expert canonical name; llama.cpp stores `.experts.` merged across experts."""
 BLOCK = re.compile(r"blk\.(\d+)\.")
+STORED_FLOATS = {gguf.GGMLQuantizationType.F16: np.float16, gguf.GGMLQuantizationType.F32: np.float32}
+"""Tensor types read as they are stored (float16 stays float16 until load() converts it)."""
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -47,11 +49,58 @@ def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return meta
 
 
+class Reader(gguf.GGUFReader):
+    """gguf-py's reader, building the same fields and tensors several times faster.
+
+    gguf-py slices its np.memmap for every value it parses (a tokenizer is
+    ~250,000 of them), and each memmap slice runs memmap's Python-level
+    __array_finalize__; it also walks arrays item by item through its generic
+    parser. Opening SmolLM2 took 3.5 s of CPU, most of `swtool quantize
+    --format gguf`. Here slices come from a plain ndarray view of the same
+    mapping (the same read-only views of the file) and arrays of strings or
+    scalars are walked in one loop.
+    """
+
+    _plain: np.ndarray | None = None
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None) -> np.ndarray:
+        if self._plain is None:
+            self._plain = self.data.view(np.ndarray)
+        dtype = np.dtype(dtype)
+        count = int(count)
+        array = self._plain[offset : offset + dtype.itemsize * count].view(dtype)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return array if order == "I" else array.view(array.dtype.newbyteorder(order))
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[gguf.GGUFValueType]]:
+        """Arrays of strings and of scalars (the tokenizer) in one loop, with gguf-py's parts, indices and types."""
+        if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, length = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        item, count, offs = gguf.GGUFValueType(item_type[0]), int(length[0]), orig_offs + 12
+        parts: list[np.ndarray] = [item_type, length]
+        types = [gguf.GGUFValueType.ARRAY] + ([item] if count else [])
+        if item == gguf.GGUFValueType.STRING:
+            plain = self._plain
+            for _ in range(count):
+                size = plain[offs : offs + 8].view(np.uint64)
+                end = offs + 8 + int(size[0])
+                parts += (size, plain[offs + 8 : end])
+                offs = end
+            return offs - orig_offs, parts, list(range(3, 2 + 2 * count, 2)), types
+        scalar = self.gguf_scalar_to_np.get(item)
+        if scalar is None:  # nested arrays
+            return super()._get_field_parts(orig_offs, raw_type)
+        values = self._get(offs, scalar, count)
+        parts += (values[i : i + 1] for i in range(count))
+        return 12 + int(values.nbytes), parts, list(range(2, 2 + count)), types
+
+
 def open_reader(path: Path) -> gguf.GGUFReader:
     """gguf-py's reader, once our own walk of the header found it sound; residual failures become one clear error."""
     check_gguf(path)
     try:
-        return gguf.GGUFReader(path, "r")
+        return Reader(path, "r")
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error, MemoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise SwtoolError(f"{path}: not a readable GGUF file ({message})") from None
@@ -172,17 +221,24 @@ class GGUFCheckpoint(Checkpoint):
         if rows is not None and permute_heads is None and len(shape) > 1:
             data = data.reshape(shape[0], -1)[rows]
             shape = (data.shape[0], *shape[1:])
-        try:
-            values = gguf.quants.dequantize(np.asarray(data), tensor.tensor_type)
-        except NotImplementedError:
-            raise SwtoolError(f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which gguf-py cannot dequantize") from None
-        out = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+        if tensor.tensor_type in STORED_FLOATS:
+            # one copy out of the read-only mapping, in the stored dtype (load() converts, once)
+            values = np.array(np.asarray(data).view(STORED_FLOATS[tensor.tensor_type]))
+        else:
+            try:
+                values = gguf.quants.dequantize(np.asarray(data), tensor.tensor_type)
+            except NotImplementedError:
+                raise SwtoolError(f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which gguf-py cannot dequantize") from None
+            values = np.asarray(values, dtype=np.float32)  # a fresh array for every block type
+            if not values.flags.writeable:
+                values = values.copy()
+        out = torch.from_numpy(values.reshape(shape))
         if permute_heads is not None:
             out = unpermute_qk(out, permute_heads)
             if rows is not None:
                 out = out[rows]
         if self.family.gguf_norm_offset and name.endswith("norm.weight"):
-            out = out - self.family.gguf_norm_offset
+            out = out.to(torch.float32) - self.family.gguf_norm_offset
         return out
 
     def tokenizer_json(self) -> str:

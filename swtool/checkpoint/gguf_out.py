@@ -26,9 +26,11 @@ Type choice for `--type T`, following llama-quantize where it applies:
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -43,6 +45,7 @@ from swtool.checkpoint.gguf_meta import Metadata, model_metadata
 from swtool.errors import SwtoolError
 from swtool.quant.ggml import TYPES, NonFiniteError, QType, can_encode, encode, encoded_nbytes, one_kernel_thread
 from swtool.quant.supers import Held
+from swtool.quantize import FLOAT_TYPES
 
 SUPER_TYPES = ("Q8_0", "F16")
 PRECISION = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.BF16, QType.F16, QType.F32)
@@ -275,7 +278,10 @@ def super_weight_metadata(checkpoint: Checkpoint, tensors: list[GGUFTensor], wei
 def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
     if tensor.stacked:  # one expert at a time: memory holds one expert's weights plus the encoded bytes
         return np.stack([encoded_tensor(checkpoint, replace(tensor, source=s, shape=tensor.shape[1:], stacked=())) for s in tensor.stacked])
-    weight = tensor.values if tensor.values is not None else checkpoint.load(tensor.source, torch.float32)
+    # fp16/bf16 weights go to the codecs as they are stored (exact either way, and the codecs
+    # read them without an fp32 copy); a folded norm offset is added in float32, as the converter does
+    dtype = FLOAT_TYPES.get(checkpoint.stored_dtype(tensor.source), torch.float32) if tensor.values is None and not tensor.offset else torch.float32
+    weight = tensor.values if tensor.values is not None else checkpoint.load(tensor.source, dtype)
     if tensor.permute_heads is not None:
         weight = permute_qk(weight, tensor.permute_heads)
     if tensor.offset:
@@ -286,9 +292,27 @@ def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
         raise SwtoolError(f"{checkpoint.path}: tensor {checkpoint.stored_name(tensor.source)} {exc}") from None
 
 
+class Writer(gguf.GGUFWriter):
+    """gguf-py's writer, packing arrays (a tokenizer: ~150,000 strings and numbers) in one call
+    instead of one Python call per item, which took most of the CPU time of writing a small model.
+    The bytes are the same."""
+
+    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
+        scalar = self._simple_value_packing.get(sub_type) if sub_type is not None else None
+        if vtype != GGUFValueType.ARRAY or not isinstance(val, Sequence) or not val or (scalar is None and sub_type != GGUFValueType.STRING):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        order = "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">"
+        head = struct.pack(f"{order}IIQ", vtype, sub_type, len(val)) if add_vtype else struct.pack(f"{order}IQ", sub_type, len(val))
+        if scalar is not None:
+            return head + struct.pack(f"{order}{len(val)}{scalar}", *val)
+        length = struct.Struct(f"{order}Q").pack
+        encoded = [item.encode("utf-8") if isinstance(item, str) else item for item in val]
+        return head + b"".join(length(len(item)) + item for item in encoded)
+
+
 def write_gguf(checkpoint: Checkpoint, plan: GGUFPlan, path: Path, progress: Progress | None = None) -> None:
     """Write the planned file at `path`: header, key/values and tensor infos first, then one tensor at a time."""
-    writer = gguf.GGUFWriter(path, plan.arch)
+    writer = Writer(path, plan.arch)
     writer.kv_data[0].update(plan.metadata)
     for tensor in plan.tensors:
         byte_shape = (*tensor.shape[:-1], encoded_nbytes(tensor.shape[-1:], tensor.qtype))
