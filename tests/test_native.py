@@ -128,3 +128,27 @@ def test_ggml_kernels_match_torch_codecs(name, torch_only):
     torch_only()
     assert encode(data, TYPES[name]).tobytes() == fast == reference(data, name)
     assert ggml.native.kernels() is None
+
+
+def test_a_shared_temporary_directory_is_not_trusted(monkeypatch, tmp_path):
+    """Without a usable cache home, a temporary directory someone else could write to is refused."""
+    import os
+    import tempfile
+
+    not_a_directory = tmp_path / "cache-home"
+    not_a_directory.write_text("")
+    planted = tmp_path / f"swtool-native-{os.getuid()}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    monkeypatch.delenv("SWTOOL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_directory))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    native.kernels.cache_clear()
+    try:
+        assert native.kernels() is None and "not a private directory" in native.status
+        planted.chmod(0o700)
+        native.kernels.cache_clear()
+        assert native.kernels() is not None  # the same directory, private: compiled into it and used
+        assert list(planted.glob("kernels-*.so"))
+    finally:
+        native.kernels.cache_clear()

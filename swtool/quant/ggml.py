@@ -1,12 +1,15 @@
-"""GGML block codecs (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and float conversions (F32, F16, BF16), in torch.
+"""GGML block codecs (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and float conversions (F32, F16, BF16).
 
 Each codec reproduces gguf-py's `gguf.quants.quantize` byte for byte (the
 same float32 operations in the same order: scale, reciprocal, multiply, add,
 truncate), so a file swtool writes is the file gguf-py (and therefore
 llama.cpp's own converter) would write. The difference is speed: gguf-py
-works on groups of 16 rows with many numpy temporaries on one core; here every
-block of a chunk of rows is processed by one torch expression, and torch runs
-each elementwise kernel on all intra-op threads.
+works on groups of 16 rows with many numpy temporaries on one core; here
+chunks of blocks go to worker threads, each encoded in one pass by a C kernel
+(swtool/quant/kernels.c, compiled on first use, see swtool.quant.native) or,
+where no compiler is available, by the torch expressions below (one torch
+expression per step over every block of the chunk; same bytes, a few times
+slower).
 
 Layouts (GGML, little-endian), per block of 32 values:
 - Q8_0: fp16 d | 32 x int8 q;                       x = d * q

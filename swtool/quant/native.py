@@ -73,8 +73,13 @@ def _cache_dir() -> Path:
             return directory
     except OSError:
         pass
-    directory = Path(tempfile.gettempdir()) / f"swtool-native-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    directory.mkdir(parents=True, exist_ok=True)
+    # a shared temporary directory: only one this user created and nobody else can write to,
+    # since a library found there is loaded into the process
+    directory = Path(tempfile.gettempdir()) / f"swtool-native-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    info = directory.lstat()
+    if not directory.is_dir() or directory.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(f"{directory} is not a private directory of this user; not loading code from it")
     return directory
 
 
@@ -130,8 +135,8 @@ def kernels() -> ctypes.CDLL | None:
             function.argtypes = argtypes
             function.restype = None if name == "pack_codes" else ctypes.c_int
         _self_check(lib)
-    except (OSError, subprocess.SubprocessError) as exc:
-        status = f"torch fallback: {exc}"
+    except Exception as exc:  # an optional speed-up: whatever fails here, the torch path still works
+        status = f"torch fallback: {exc.__class__.__name__}: {exc}"
         return None
     status = f"native kernels {path.name} ({' '.join(_flags())})"
     return lib
