@@ -152,3 +152,20 @@ def test_a_shared_temporary_directory_is_not_trusted(monkeypatch, tmp_path):
         assert list(planted.glob("kernels-*.so"))
     finally:
         native.kernels.cache_clear()
+
+
+@pytest.mark.parametrize("engine", ["native", "torch"])
+def test_encode_on_the_command_pool(engine, torch_only, monkeypatch):
+    """Inside parallel_chunks() (as `swtool quantize` runs it) encode uses that pool; same bytes, errors still raised."""
+    from swtool.quant.workers import parallel_chunks
+
+    if engine == "torch":
+        torch_only()
+    monkeypatch.setattr(ggml, "CHUNK_ELEMENTS", 2048)
+    data = np.random.default_rng(4).standard_normal((64, 256), np.float32)
+    with parallel_chunks(2):
+        for name in ("Q8_0", "Q4_1", "Q5_0", "F16"):
+            assert encode(data, TYPES[name]).tobytes() == reference(data, name)
+        data[50, 7] = np.nan
+        with pytest.raises(NonFiniteError):
+            encode(data, TYPES["Q4_0"])

@@ -43,8 +43,9 @@ from swtool.checkpoint.base import Checkpoint
 from swtool.checkpoint.gguf_in import ARCH_BY_NAME, EXPERT, permute_qk, qk_heads
 from swtool.checkpoint.gguf_meta import Metadata, model_metadata
 from swtool.errors import SwtoolError
-from swtool.quant.ggml import TYPES, NonFiniteError, QType, can_encode, encode, encoded_nbytes, one_kernel_thread
+from swtool.quant.ggml import TYPES, NonFiniteError, QType, can_encode, encode, encoded_nbytes
 from swtool.quant.supers import Held
+from swtool.quant.workers import parallel_chunks
 from swtool.quantize import FLOAT_TYPES
 
 SUPER_TYPES = ("Q8_0", "F16")
@@ -321,7 +322,7 @@ def write_gguf(checkpoint: Checkpoint, plan: GGUFPlan, path: Path, progress: Pro
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with one_kernel_thread():  # encode() parallelises over its own threads
+        with parallel_chunks():  # one pool of worker threads for every tensor's chunks
             for index, tensor in enumerate(plan.tensors):
                 writer.write_tensor_data(encoded_tensor(checkpoint, tensor))
                 if progress:

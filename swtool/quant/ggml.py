@@ -31,6 +31,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from swtool.quant import native
+from swtool.quant.workers import active as pool_active, run_chunks
 
 QType = GGMLQuantizationType
 
@@ -232,8 +233,8 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
     Non-finite values raise NonFiniteError (gguf-py would write garbage blocks).
     Otherwise the bytes equal `gguf.quants.quantize(data.astype(float32), qtype).tobytes()`;
     the shape is (*data.shape[:-1], bytes per row). Chunks of blocks are encoded
-    on `threads` worker threads (default: torch's intra-op thread count), by the
-    C kernels where they compiled (reading fp16/bf16 sources without an fp32 copy),
+    on `threads` worker threads (default: the open parallel_chunks() pool, else
+    torch's intra-op thread count), by the C kernels where they compiled (reading fp16/bf16 sources without an fp32 copy),
     else by the torch codecs.
     """
     values = torch.as_tensor(data)
@@ -266,6 +267,9 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
                 raise NonFiniteError("holds NaN or infinite values")
 
     starts = range(0, count, step)
+    if threads is None and pool_active():  # the command's pool (swtool quantize): no threads made per tensor
+        run_chunks(run, starts)
+        return out
     workers = min(threads or torch.get_num_threads(), len(starts))
     with one_kernel_thread():
         if workers <= 1:

@@ -56,13 +56,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     out = torch.empty(words.numel(), nbytes, dtype=torch.uint8)
     mask = (1 << bits) - 1
     lib = native.kernels()
-    if lib is not None:  # the same bytes in one pass (swtool/quant/kernels.c)
-        source, target = words.data_ptr(), out.data_ptr()
-
-        def work(start: int) -> None:
-            lib.pack_codes(source + start * per_group, min(CHUNK_GROUPS, words.numel() - start), bits, target + start * nbytes)
-
-        run_chunks(work, range(0, words.numel(), CHUNK_GROUPS))
+    if lib is not None:  # the same bytes in one pass (swtool/quant/kernels.c), fast enough not to need threads
+        lib.pack_codes(words.data_ptr(), words.numel(), bits, out.data_ptr())
         return out.view(-1)
 
     def work(start: int) -> None:

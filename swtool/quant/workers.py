@@ -4,8 +4,8 @@ torch's own intra-op parallelism splits every elementwise op across cores and
 waits for the slowest thread at the end of each op: on a busy machine one
 descheduled thread stalls them all (measured 10x slower at load 10 on two
 cores). Inside `parallel_chunks()`, `run_chunks` hands whole chunks to worker
-threads instead (torch releases the GIL inside ops) and torch runs each op on
-the calling thread. The pool and the thread setting are made once per command,
+threads instead (torch ops and swtool's C kernels, called through ctypes,
+release the GIL) and torch runs each op on the calling thread. The pool and the thread setting are made once per command,
 not per tensor: switching torch's thread count is itself slow. Outside the
 context, chunks run one after another. Chunks write disjoint slices of
 preallocated outputs, so results never depend on the number of workers.
@@ -41,6 +41,11 @@ def parallel_chunks(workers: int | None = None) -> Iterator[None]:
         _pool.shutdown()
         _pool = None
         torch.set_num_threads(previous)
+
+
+def active() -> bool:
+    """Whether a parallel_chunks() pool is open (run_chunks spreads work over it)."""
+    return _pool is not None
 
 
 def run_chunks(work: Callable[[T], None], items: Iterable[T]) -> None:
