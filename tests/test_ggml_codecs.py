@@ -79,6 +79,7 @@ def test_threads_and_chunks_do_not_change_bytes(name, monkeypatch):
 
     data = np.random.default_rng(1).standard_normal((64, 1024)).astype(np.float32)
     monkeypatch.setattr(ggml, "CHUNK_ELEMENTS", 1000)  # many uneven chunks
+    monkeypatch.setattr(ggml, "NATIVE_CHUNK_ELEMENTS", 1000)
     assert_identical(data, name, threads=3)
     assert_identical(data, name, threads=1)
 

@@ -104,6 +104,7 @@ def rtn_bytes(weight: torch.Tensor, spec: QuantSpec) -> tuple[bytes, bytes, byte
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_rtn_kernel_matches_torch(spec, torch_only, monkeypatch):
     monkeypatch.setattr(rtn, "CHUNK", 3000)  # many chunks, uneven against the blocks
+    monkeypatch.setattr(rtn, "NATIVE_CHUNK", 3000)
     fast = [rtn_bytes(w, spec) for w in rtn_cases()]
     torch_only()
     slow = [rtn_bytes(w, spec) for w in rtn_cases()]
@@ -162,6 +163,7 @@ def test_encode_on_the_command_pool(engine, torch_only, monkeypatch):
     if engine == "torch":
         torch_only()
     monkeypatch.setattr(ggml, "CHUNK_ELEMENTS", 2048)
+    monkeypatch.setattr(ggml, "NATIVE_CHUNK_ELEMENTS", 2048)
     data = np.random.default_rng(4).standard_normal((64, 256), np.float32)
     with parallel_chunks(2):
         for name in ("Q8_0", "Q4_1", "Q5_0", "F16"):

@@ -39,6 +39,9 @@ CHUNK_ELEMENTS = 1 << 18
 """Blocks are processed in chunks of about this many values: small enough that one
 chunk's temporaries stay in a core's cache across the codec's dozen passes, large
 enough that torch's per-operation overhead is noise."""
+NATIVE_CHUNK_ELEMENTS = 1 << 21
+"""Values per call of a C kernel, which reads each block once: larger, since each hand-off to a
+worker thread costs a scheduler wake-up (see swtool.quant.rtn.NATIVE_CHUNK)."""
 
 
 SHIFTS = torch.arange(32, dtype=torch.int32)
@@ -251,7 +254,7 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
         out.reshape(-1)[:] = values.contiguous().reshape(-1).view(torch.uint8).numpy()
         return out
     block = block_size(qtype)
-    step = max(1, CHUNK_ELEMENTS // block)
+    step = max(1, (CHUNK_ELEMENTS if lib is None else NATIVE_CHUNK_ELEMENTS) // block)
     count = values.numel() // block
     flat_out = torch.from_numpy(out.reshape(count, -1))
     codec = CODECS[qtype]

@@ -36,9 +36,12 @@ from swtool.quant import native
 from swtool.quant.pack import WIDTHS, pack, unpack
 from swtool.quant.workers import run_chunks
 
-CHUNK = 1 << 18
-"""Elements processed per vectorised step (a whole number of blocks, at least one): small enough
-that a 1M-element tensor (SmolLM2's) still gives each worker thread chunks."""
+CHUNK = 1 << 20
+"""Elements processed per vectorised step (a whole number of blocks, at least one)."""
+NATIVE_CHUNK = 1 << 21
+"""Elements per call of the C kernel: one pass, so no cache-sized steps are needed, and each
+hand-off to a worker thread costs a scheduler wake-up (on a busy machine, up to milliseconds):
+a 1M-element tensor runs on the calling thread, a 10M-element one in 5 chunks."""
 
 AUTO_STEPS = 12
 AUTO_PATIENCE = 2
@@ -168,10 +171,10 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
     return q.sub_(offset).clamp_(0, 2**bits - 0.5).to(torch.uint8)
 
 
-def _jobs(numel: int, n: int) -> list[tuple[int, int, int, int]]:
-    """(first element, blocks, block width, first block index) of chunks of about CHUNK elements."""
+def _jobs(numel: int, n: int, chunk: int | None = None) -> list[tuple[int, int, int, int]]:
+    """(first element, blocks, block width, first block index) of chunks of about `chunk` (CHUNK) elements."""
     full = numel // n
-    step = max(1, CHUNK // n)
+    step = max(1, (chunk or CHUNK) // n)
     jobs = [(b * n, min(step, full - b), n, b) for b in range(0, full, step)]
     if numel % n:
         jobs.append((full * n, 1, numel % n, full))
@@ -218,7 +221,7 @@ def _quantize_flat(flat: torch.Tensor, n: int, bits: int, sym: bool) -> tuple[to
             at = start + row * width
             reference(x[row : row + 1], slice(at, at + width), block + row)
 
-    run_chunks(work, _jobs(flat.numel(), n))
+    run_chunks(work, _jobs(flat.numel(), n, NATIVE_CHUNK if lib is not None and code is not None else CHUNK))
     return codes, scales, zeros
 
 

@@ -50,7 +50,8 @@ def active() -> bool:
 
 def run_chunks(work: Callable[[T], None], items: Iterable[T]) -> None:
     pool = _pool
-    if pool is None:
+    items = list(items)
+    if pool is None or len(items) == 1:  # one chunk: no hand-off to a worker and back
         for item in items:
             work(item)
         return
