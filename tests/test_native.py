@@ -171,3 +171,31 @@ def test_encode_on_the_command_pool(engine, torch_only, monkeypatch):
         data[50, 7] = np.nan
         with pytest.raises(NonFiniteError):
             encode(data, TYPES["Q4_0"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import tiny
+
+    directory = tmp_path_factory.mktemp("src") / "model"
+    tiny.plant(tiny.build("llama", directory), directory, [(1, 5, 7)])
+    return directory
+
+
+def quantize_files(source, out, *options: str) -> dict[str, bytes]:
+    from typer.testing import CliRunner
+
+    from swtool.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", str(source), "-o", str(out), "--no-keep-super", "-q", *options])
+    assert result.exit_code == 0, result.output
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())} if out.is_dir() else {out.name: out.read_bytes()}
+
+
+@pytest.mark.parametrize("options", [("--bits", "4", "--block", "64"), ("--bits", "3", "--block", "channel", "--sym"), ("--format", "gguf", "--type", "Q4_1")], ids=" ".join)
+def test_quantize_writes_the_same_files_with_either_engine(options, tiny_model, tmp_path, torch_only):
+    """`swtool quantize` end to end: the C kernels change nothing in what is written."""
+    name = "out.gguf" if "gguf" in options else "out"
+    fast = quantize_files(tiny_model, tmp_path / "fast" / name, *options)
+    torch_only()
+    assert quantize_files(tiny_model, tmp_path / "slow" / name, *options) == fast
