@@ -267,8 +267,67 @@ int ggml_bf16(const void *src, int dtype, int64_t n, uint16_t *restrict out) {
  * exactly the operations of rtn._scale_zero and rtn._codes. Asymmetric blocks whose min or max
  * is zero get flags[r] = 1 (the stored sign of that zero is torch's choice; the caller redoes
  * them). Returns 1 when a value is NaN or infinite, 2 when a scale or zero overflows fp16. */
+/* One block's fp16 scale and zero from its reduction, and the inverse and offset its codes use;
+ * 0, or 2 when the scale or zero overflows fp16. */
+static inline int rtn_scale(float low, float high, float amax, int bits, int sym, uint16_t *scale_out, uint16_t *zero_out, float *inv, float *offset) {
+    _Float16 scale, zero;
+    if (sym) {
+        const int half = 1 << (bits - 1);
+        scale = (_Float16)(amax / (float)(half - 1));
+        zero = (_Float16)((float)scale * (float)-half);
+    } else {
+        scale = (_Float16)((high - low) / (float)((1 << bits) - 1));
+        zero = (_Float16)low;
+    }
+    if (!isfinite((float)scale) || !isfinite((float)zero)) return 2;
+    memcpy(scale_out, &scale, 2);
+    memcpy(zero_out, &zero, 2);
+    const float s = (float)scale;
+    *inv = s > 0.0f ? 1.0f / s : 0.0f;
+    *offset = (float)zero * *inv - 0.5f;
+    return 0;
+}
+
+static inline void rtn_codes(const float *restrict v, int n, float inv, float offset, float top, uint8_t *restrict c) {
+    for (int i = 0; i < n; i++) {
+        float q = v[i] * inv - offset;
+        q = q > 0.0f ? q : 0.0f;
+        q = q < top ? q : top;
+        c[i] = (uint8_t)(int)q;
+    }
+}
+
+#define GROUP 8
+#define SMALL 64
+
+/* Blocks of at most SMALL values, GROUP at a time: one load, then the GROUP reductions, the GROUP
+ * scale computations (independent, so their divisions and conversions overlap) and the codes. */
+static int rtn_small(const void *src, int dtype, int64_t rows, int width, int bits, int sym,
+                     uint8_t *restrict codes, uint16_t *restrict scales, uint16_t *restrict zeros, uint8_t *restrict flags) {
+    float v[GROUP * SMALL], low[GROUP] = {0}, high[GROUP] = {0}, amax[GROUP] = {0}, inv[GROUP], offset[GROUP];
+    const float top = (float)((1 << bits) - 1) + 0.5f;
+    for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {
+        const int g = rows - r0 < GROUP ? (int)(rows - r0) : GROUP;
+        load(src, dtype, r0 * width, (int64_t)g * width, v);
+        if (nonfinite(v, g * width)) return 1;
+        for (int k = 0; k < g; k++) {
+            if (sym)
+                amax[k] = abs_max(v + k * width, width);
+            else
+                min_max(v + k * width, width, &low[k], &high[k]);
+        }
+        for (int k = 0; k < g; k++) {
+            flags[r0 + k] = !sym && (high[k] == 0.0f || low[k] == 0.0f);
+            if (rtn_scale(low[k], high[k], amax[k], bits, sym, &scales[r0 + k], &zeros[r0 + k], &inv[k], &offset[k])) return 2;
+        }
+        for (int k = 0; k < g; k++) rtn_codes(v + k * width, width, inv[k], offset[k], top, codes + (r0 + k) * width);
+    }
+    return 0;
+}
+
 int rtn_quantize(const void *src, int dtype, int64_t rows, int64_t width, int bits, int sym,
                  uint8_t *restrict codes, uint16_t *restrict scales, uint16_t *restrict zeros, uint8_t *restrict flags) {
+    if (width <= SMALL) return rtn_small(src, dtype, rows, (int)width, bits, sym, codes, scales, zeros, flags);
     float v[STRIP];
     const int L = (1 << bits) - 1;
     const float top = (float)L + 0.5f;
@@ -290,31 +349,12 @@ int rtn_quantize(const void *src, int dtype, int64_t rows, int64_t width, int bi
             }
         }
         flags[r] = !sym && (high == 0.0f || low == 0.0f);
-        _Float16 scale, zero;
-        if (sym) {
-            const int half = 1 << (bits - 1);
-            scale = (_Float16)(amax / (float)(half - 1));
-            zero = (_Float16)((float)scale * (float)-half);
-        } else {
-            scale = (_Float16)((high - low) / (float)L);
-            zero = (_Float16)low;
-        }
-        if (!isfinite((float)scale) || !isfinite((float)zero)) return 2;
-        memcpy(&scales[r], &scale, 2);
-        memcpy(&zeros[r], &zero, 2);
-        const float s = (float)scale;
-        const float inv = s > 0.0f ? 1.0f / s : 0.0f;
-        const float offset = (float)zero * inv - 0.5f;
+        float inv, offset;
+        if (rtn_scale(low, high, amax, bits, sym, &scales[r], &zeros[r], &inv, &offset)) return 2;
         for (int64_t s0 = 0; s0 < width; s0 += STRIP) {
             int m = (int)(width - s0 < STRIP ? width - s0 : STRIP);
             if (width > STRIP) load(src, dtype, base + s0, m, v); /* else v still holds the block */
-            uint8_t *restrict c = codes + base + s0;
-            for (int i = 0; i < m; i++) {
-                float q = v[i] * inv - offset;
-                q = q > 0.0f ? q : 0.0f;
-                q = q < top ? q : top;
-                c[i] = (uint8_t)(int)q;
-            }
+            rtn_codes(v, m, inv, offset, top, codes + base + s0);
         }
     }
     return 0;
