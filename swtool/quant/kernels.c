@@ -152,6 +152,16 @@ static inline void high_bits(const uint8_t *restrict q, uint8_t *restrict out) {
     memcpy(out, &h, 4);
 }
 
+/* A block's codes after its scale (and min): 4-bit ones as nibbles; 5-bit ones as the fifth
+ * bits (qh, 4 bytes) then the low nibbles, as in ggml's block_q5_0 / block_q5_1. */
+static inline void put_codes(const uint8_t *q, uint8_t *out, int levels) {
+    if (levels == 32) {
+        high_bits(q, out);
+        out += 4;
+    }
+    nibbles(q, out);
+}
+
 /* Q4_0 (levels 16) and Q5_0 (levels 32): d = signed absmax / -(levels/2); q = trunc(x/d + levels/2 + 0.5). */
 static int symmetric(const void *src, int dtype, int64_t blocks, uint8_t *restrict out, int levels) {
     float v[QK];
@@ -168,12 +178,7 @@ static int symmetric(const void *src, int dtype, int64_t blocks, uint8_t *restri
             q[i] = (uint8_t)(t < 0 ? 0 : t > levels - 1 ? levels - 1 : t);
         }
         put_half(out, d);
-        if (levels == 16) {
-            nibbles(q, out + 2);
-        } else {
-            high_bits(q, out + 2);
-            nibbles(q, out + 6);
-        }
+        put_codes(q, out + 2, levels);
     }
     return 0;
 }
@@ -206,12 +211,7 @@ static int affine(const void *src, int dtype, int64_t blocks, uint8_t *restrict 
         }
         put_half(out, d);
         put_half(out + 2, low);
-        if (levels == 16) {
-            nibbles(q, out + 4);
-        } else {
-            high_bits(q, out + 4);
-            nibbles(q, out + 8);
-        }
+        put_codes(q, out + 4, levels);
     }
     *flagged = count;
     return 0;
