@@ -48,8 +48,6 @@ from swtool.checkpoint.base import Checkpoint
 from swtool.forward import LayerStream, intra_op_threads
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
-Coord = tuple[int, int, int]
-"""(layer, row, col) of a down_proj weight, HF `nn.Linear` order."""
 Key = tuple[int, int, int, int]
 """(layer, expert or -1 for a dense MLP, row, col): one down projection weight, experts included."""
 DENSE = -1
@@ -99,10 +97,6 @@ class Candidate:
     """|y[token, row]| at this layer with the weight zeroed."""
     is_super: bool = False
     expert: int | None = None
-
-    @property
-    def coord(self) -> Coord:
-        return (self.layer, self.row, self.col)
 
     @property
     def key(self) -> Key:
@@ -208,16 +202,16 @@ class Detector:
         h = self.stream.embed(self.token_ids)
         total = self.stream.config.num_layers
         for layer, weights in self.stream.walk():
-            inputs, outputs = h, []
-            rows = list(range(len(variants)))
-            while rows:
+            inputs, outputs, first = h, [], 0
+            while first < len(variants):
                 forks: list[tuple[int, _Variant]] = []
-                hook = self._hook(weights, variants, rows, stats, candidates, forks)
-                outputs.append(self.stream.run_layer(layer, inputs[rows], weights, hook=hook))
+                hook = self._hook(weights, variants, first, stats, candidates, forks)
+                outputs.append(self.stream.run_layer(layer, inputs[first:], weights, hook=hook))
                 # Forked rows enter this layer as their parent did, and run it with their weight zeroed.
-                rows = list(range(len(variants), len(variants) + len(forks)))
+                first = len(variants)
                 variants += [variant for _, variant in forks]
-                inputs = torch.cat([inputs, inputs[[parent for parent, _ in forks]]]) if forks else inputs
+                if forks:
+                    inputs = torch.cat([inputs, inputs[[parent for parent, _ in forks]]])
             h = torch.cat(outputs)
             if self.progress:
                 self.progress(layer + 1, total)
@@ -254,18 +248,18 @@ class Detector:
         self,
         weights: dict[str, torch.Tensor],
         variants: list[_Variant],
-        rows: list[int],
+        first: int,
         stats: list[LayerStats],
         candidates: dict[Key, Candidate],
         forks: list[tuple[int, _Variant]],
     ) -> Callable[..., torch.Tensor]:
-        """The down projection hook for one run of a layer over the variants numbered `rows`.
+        """The down projection hook for one run of a layer over the variants numbered `first` on.
 
         It applies each row's zeroed weights, records the original model's statistics,
         turns spikes into candidates and appends, for each, the rows to fork as
         (the parent variant's number, new variant).
         """
-        batch = [variants[v] for v in rows]
+        batch = variants[first:]
 
         def hook(layer: int, x: torch.Tensor, y: torch.Tensor, expert: int | None = None, routed: torch.Tensor | None = None) -> torch.Tensor:
             e = DENSE if expert is None else expert
@@ -284,15 +278,15 @@ class Detector:
                 if not len(tokens):
                     continue
                 xv, yv = x[b, tokens], y[b, tokens]
-                if rows[b] == 0:
+                if first + b == 0:
                     stats.append(_layer_stats(layer, xv, yv, tokens, expert))
                 spike = self._spike(layer, e, xv, yv, tokens, down, variant.zeroed)
-                for cand in self._new_candidates([spike] if spike else [], variant, candidates):
-                    if cand.round > self.max_rounds:
-                        continue
-                    forks.append((0, _Variant(frozenset([cand.key]), cand, measures=True)))
-                    if variant.zeroed:
-                        forks.append((rows[b], _Variant(variant.zeroed | {cand.key}, cand, measures=False)))
+                cand = self._new_candidate(spike, variant, candidates) if spike else None
+                if cand is None or cand.round > self.max_rounds:
+                    continue
+                forks.append((0, _Variant(frozenset([cand.key]), cand, measures=True)))
+                if variant.zeroed:
+                    forks.append((first + b, _Variant(variant.zeroed | {cand.key}, cand, measures=False)))
             return y
 
         return hook
@@ -318,33 +312,30 @@ class Detector:
         share = float(contribution[col] / y[index, row])
         return ((layer, expert, row, col), int(tokens[index]), float(y[index, row]), float(x[index, col]), peak / max(median, 1e-12), share)
 
-    def _new_candidates(self, spikes: list[tuple], variant: _Variant, known: dict[Key, Candidate]) -> list[Candidate]:
-        fresh = []
-        round_ = 1 if variant.source is None else variant.source.round + 1
-        for key, token, activation, x_value, ratio, share in spikes:
-            if key in known or abs(share) < self.min_share:
-                continue
-            self.found_behind[key] = variant.source
-            layer, e, row, col = key
-            expert = None if e == DENSE else e
-            down = self.stream.family.down_tensor(self.stream.config, layer, expert)
-            cand = Candidate(
-                layer=layer,
-                tensor=self.checkpoint.stored_name(down),
-                row=row,
-                col=col,
-                value=float(self.checkpoint.load(down, rows=[row])[0, col]),
-                activation=activation,
-                input=x_value,
-                token=token,
-                ratio=ratio,
-                share=share,
-                round=round_,
-                expert=expert,
-            )
-            known[key] = cand
-            fresh.append(cand)
-        return fresh
+    def _new_candidate(self, spike: tuple, variant: _Variant, known: dict[Key, Candidate]) -> Candidate | None:
+        """The spike's weight as a candidate found in `variant`; None if already examined or if it carries too small a share."""
+        key, token, activation, x_value, ratio, share = spike
+        if key in known or abs(share) < self.min_share:
+            return None
+        self.found_behind[key] = variant.source
+        layer, e, row, col = key
+        expert = None if e == DENSE else e
+        down = self.stream.family.down_tensor(self.stream.config, layer, expert)
+        known[key] = Candidate(
+            layer=layer,
+            tensor=self.checkpoint.stored_name(down),
+            row=row,
+            col=col,
+            value=float(self.checkpoint.load(down, rows=[row])[0, col]),
+            activation=activation,
+            input=x_value,
+            token=token,
+            ratio=ratio,
+            share=share,
+            round=1 if variant.source is None else variant.source.round + 1,
+            expert=expert,
+        )
+        return known[key]
 
     def _measure(self, cand: Candidate, logits: torch.Tensor, original_logp: torch.Tensor) -> None:
         logp = F.log_softmax(logits.float(), dim=-1)
