@@ -26,6 +26,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -130,18 +131,19 @@ class Bench:
 
     def trace(self, plan: EditPlan) -> list[float]:
         """max |hidden state| at the super weight's output channel after every layer, on the scan prompt."""
-        stream = LayerStream(self.checkpoint)
-        hook = weights_hook(stream, Options(plan), None)
         from swtool.detect import DEFAULT_PROMPT
 
-        h = stream.embed(torch.tensor([self.tokenizer.encode(DEFAULT_PROMPT).ids]))
         channel = self.supers[0].row
-        values = []
-        for layer in stream.layers():
-            weights = stream.layer_weights(layer)
+        return [float(h[0, :, channel].abs().max()) for h, _ in self.layer_outputs(plan, DEFAULT_PROMPT)]
+
+    def layer_outputs(self, plan: EditPlan, prompt: str) -> Iterator[tuple[torch.Tensor, LayerStream]]:
+        """The hidden state after every layer on `prompt`, with `plan`'s weight edits applied (and the stream)."""
+        stream = LayerStream(self.checkpoint)
+        hook = weights_hook(stream, Options(plan), None)
+        h = stream.embed(torch.tensor([self.tokenizer.encode(prompt).ids]))
+        for layer, weights in stream.walk():
             h = stream.run_layer(layer, h, hook(layer, weights) if hook else weights)
-            values.append(float(h[0, :, channel].abs().max()))
-        return values
+            yield h, stream
 
     def figure4(self) -> list[list[float]]:
         return [self.trace(EditPlan()), self.trace(self.plan(zero_super=True))]
@@ -198,12 +200,7 @@ class Bench:
         for prompt in PROMPTS:
             dists = []
             for plan in (EditPlan(), self.plan(zero_super=True)):
-                stream = LayerStream(self.checkpoint)
-                hook = weights_hook(stream, Options(plan), None)
-                h = stream.embed(torch.tensor([self.tokenizer.encode(prompt).ids]))
-                for layer in stream.layers():
-                    weights = stream.layer_weights(layer)
-                    h = stream.run_layer(layer, h, hook(layer, weights) if hook else weights)
+                *_, (h, stream) = self.layer_outputs(plan, prompt)
                 dists.append(torch.softmax(stream.logits(h[:, -1:])[0, 0].float(), dim=-1))
             tops = [[(vocab[i], float(p[i])) for i in p.topk(5).indices.tolist()] for p in dists]
             rows.append((prompt, tops[0], tops[1], float(dists[0][is_stop].sum()), float(dists[1][is_stop].sum())))

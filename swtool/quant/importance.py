@@ -53,8 +53,8 @@ def input_importance(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     stream = LayerStream(checkpoint, dtype, input_hook=record)
     with torch.no_grad():
         h = stream.embed(torch.tensor([encode(checkpoint, prompt or DEFAULT_PROMPT)]))
-        for layer in stream.layers():
-            h = stream.run_layer(layer, h)
+        for layer, weights in stream.walk():
+            h = stream.run_layer(layer, h, weights)
     out = {}
     for (layer, role), mean_square in squares.items():
         name = stream.family.layer_tensors(stream.config, layer)[role]
