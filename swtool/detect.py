@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from swtool.checkpoint.base import Checkpoint
-from swtool.forward import LayerStream, intra_op_threads
+from swtool.forward import LayerStream
+from swtool.quant.workers import intra_op_threads
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 Key = tuple[int, int, int, int]

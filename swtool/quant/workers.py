@@ -25,6 +25,17 @@ _pool: ThreadPoolExecutor | None = None
 
 
 @contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set for a block, and restored after it (it is process-wide)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
 def parallel_chunks(workers: int | None = None) -> Iterator[None]:
     """Spread run_chunks over `workers` threads (default: torch's thread count) until the block ends."""
     global _pool
@@ -32,15 +43,13 @@ def parallel_chunks(workers: int | None = None) -> Iterator[None]:
     if workers <= 1 or _pool is not None:
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    _pool = ThreadPoolExecutor(workers, thread_name_prefix="swtool-chunk")
-    try:
-        yield
-    finally:
-        _pool.shutdown()
-        _pool = None
-        torch.set_num_threads(previous)
+    with intra_op_threads(1):
+        _pool = ThreadPoolExecutor(workers, thread_name_prefix="swtool-chunk")
+        try:
+            yield
+        finally:
+            _pool.shutdown()
+            _pool = None
 
 
 def active() -> bool:
