@@ -136,7 +136,7 @@ def child(kind: str, source: Path, setting: str) -> None:
                 seconds += time.perf_counter() - started
                 cpu += time.process_time() - started_cpu
                 del weight
-    from swtool.quant import native
+    from swtool import native
 
     native.kernels()
     print(json.dumps({"seconds": seconds, "cpu": cpu, "bytes": nbytes, "threads": torch.get_num_threads(), "numpy": np.__version__, "native": native.status}))

@@ -6,7 +6,7 @@ truncate), so a file swtool writes is the file gguf-py (and therefore
 llama.cpp's own converter) would write. The difference is speed: gguf-py
 works on groups of 16 rows with many numpy temporaries on one core; here
 chunks of blocks go to worker threads, each encoded in one pass by a C kernel
-(swtool/quant/kernels.c, compiled on first use, see swtool.quant.native) or,
+(swtool/kernels.c, compiled on first use, see swtool.native) or,
 where no compiler is available, by the torch expressions below (one torch
 expression per step over every block of the chunk; same bytes, a few times
 slower).
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from swtool.quant import native
+from swtool import native
 from swtool.quant.workers import active as pool_active, run_chunks
 
 QType = GGMLQuantizationType
@@ -227,7 +227,7 @@ NATIVE: dict[QType, str] = {
     QType.BF16: "ggml_bf16",
     QType.F16: "ggml_f16",
 }
-"""The C kernel (swtool/quant/kernels.c) of each codec; Q4_1/Q5_1 also flag blocks for CODECS to redo."""
+"""The C kernel (swtool/kernels.c) of each codec; Q4_1/Q5_1 also flag blocks for CODECS to redo."""
 
 
 def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = None) -> np.ndarray:

@@ -20,7 +20,7 @@ import math
 import torch
 
 from swtool.errors import SwtoolError
-from swtool.quant import native
+from swtool import native
 from swtool.quant.workers import run_chunks
 
 WIDTHS = (2, 3, 4, 8)
@@ -56,7 +56,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     out = torch.empty(words.numel(), nbytes, dtype=torch.uint8)
     mask = (1 << bits) - 1
     lib = native.kernels()
-    if lib is not None:  # the same bytes in one pass (swtool/quant/kernels.c), fast enough not to need threads
+    if lib is not None:  # the same bytes in one pass (swtool/kernels.c), fast enough not to need threads
         lib.pack_codes(words.data_ptr(), words.numel(), bits, out.data_ptr())
         return out.view(-1)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swtool.errors import SwtoolError
-from swtool.quant import native
+from swtool import native
 from swtool.quant.pack import WIDTHS, pack, unpack
 from swtool.quant.workers import run_chunks
 
@@ -185,7 +185,7 @@ def _quantize_flat(flat: torch.Tensor, n: int, bits: int, sym: bool) -> tuple[to
     """Unpacked codes (uint8, flat), scales and zeros (fp16, per block) of a flat float tensor.
 
     Each chunk goes through the C kernel where it compiled (one read of the source
-    per pass, no fp32 temporaries; swtool/quant/kernels.c), else through torch.
+    per pass, no fp32 temporaries; swtool/kernels.c), else through torch.
     Both write the same bytes. Blocks whose min or max is a zero of either sign,
     and chunks the kernel refuses (NaN, infinity, fp16 overflow), take the torch
     path: it decides the stored sign of that zero and raises the right error.

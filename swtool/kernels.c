@@ -1,4 +1,4 @@
-/* Fused CPU kernels for swtool's quantizers, compiled on first use by swtool/quant/native.py.
+/* Fused CPU kernels for swtool's quantizers, compiled on first use by swtool/native.py.
  *
  * Why C: the torch versions of these codecs make a dozen passes over memory per
  * chunk (one per elementwise op, each with its own temporary) and numpy's
