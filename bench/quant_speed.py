@@ -123,7 +123,7 @@ def child(kind: str, source: Path, setting: str) -> None:
     else:
         from swtool.quant.rtn import QuantSpec, parse_block, quantize
 
-        from swtool.quant.workers import parallel_chunks
+        from swtool.workers import parallel_chunks
 
         bits, block = setting.split("/")
         spec = QuantSpec(int(bits), parse_block(block))

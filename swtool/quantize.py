@@ -27,7 +27,7 @@ from swtool.quant import layout
 from swtool.quant.importance import input_importance
 from swtool.quant.rtn import QuantSpec, quantize
 from swtool.quant.supers import Held
-from swtool.quant.workers import parallel_chunks
+from swtool.workers import parallel_chunks
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 MODEL_FILES = (

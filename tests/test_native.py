@@ -159,7 +159,7 @@ def test_a_shared_temporary_directory_is_not_trusted(monkeypatch, tmp_path):
 @pytest.mark.parametrize("engine", ["native", "torch"])
 def test_encode_on_the_command_pool(engine, torch_only, monkeypatch):
     """Inside parallel_chunks() (as `swtool quantize` runs it) encode uses that pool; same bytes, errors still raised."""
-    from swtool.quant.workers import parallel_chunks
+    from swtool.workers import parallel_chunks
 
     if engine == "torch":
         torch_only()

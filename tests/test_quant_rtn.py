@@ -182,7 +182,7 @@ def test_clip_auto_weighted_still_clips_where_inputs_are_even():
 
 
 def test_clip_auto_threshold_independent_of_chunks_and_workers(monkeypatch):
-    from swtool.quant.workers import parallel_chunks
+    from swtool.workers import parallel_chunks
 
     torch.manual_seed(4)
     w = torch.distributions.StudentT(2.0).sample((64, 100)).reshape(-1) * 0.02

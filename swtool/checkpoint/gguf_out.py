@@ -45,7 +45,7 @@ from swtool.checkpoint.gguf_meta import Metadata, model_metadata
 from swtool.errors import SwtoolError
 from swtool.quant.ggml import TYPES, NonFiniteError, QType, can_encode, encode, encoded_nbytes
 from swtool.quant.supers import Held
-from swtool.quant.workers import parallel_chunks
+from swtool.workers import parallel_chunks
 from swtool.quantize import FLOAT_TYPES
 
 SUPER_TYPES = ("Q8_0", "F16")

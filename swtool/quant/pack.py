@@ -21,7 +21,7 @@ import torch
 
 from swtool.errors import SwtoolError
 from swtool import native
-from swtool.quant.workers import run_chunks
+from swtool.workers import run_chunks
 
 WIDTHS = (2, 3, 4, 8)
 WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}

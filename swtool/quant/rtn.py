@@ -34,7 +34,7 @@ import torch
 from swtool.errors import SwtoolError
 from swtool import native
 from swtool.quant.pack import WIDTHS, pack, unpack
-from swtool.quant.workers import run_chunks
+from swtool.workers import run_chunks
 
 CHUNK = 1 << 20
 """Elements processed per vectorised step (a whole number of blocks, at least one)."""
