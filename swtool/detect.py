@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from swtool.checkpoint.base import Checkpoint
 from swtool.forward import LayerStream
-from swtool.quant.workers import intra_op_threads
+from swtool.workers import parallel_chunks
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 Key = tuple[int, int, int, int]
@@ -192,8 +192,9 @@ class Detector:
     def run(self) -> ScanResult:
         # The pass multiplies a few dozen rows at most: split across intra-op threads, every small
         # op pays a fork and join (on SmolLM2 under load, 48 s with two threads against 8 s with
-        # one). The other core reads and converts the next layer (`LayerStream.walk`).
-        with intra_op_threads(1):
+        # one). So torch runs on one thread; the big products of 16-bit weights go to the
+        # chunk workers in bands (`forward.product`), and the loaders read the next layer.
+        with parallel_chunks():
             return self._run()
 
     def _run(self) -> ScanResult:
@@ -202,6 +203,7 @@ class Detector:
         stats: list[LayerStats] = []
         h = self.stream.embed(self.token_ids)
         total = self.stream.config.num_layers
+        self.stream.expect_rows(h.shape[0] * h.shape[1])
         for layer, weights in self.stream.walk():
             inputs, outputs, first = h, [], 0
             while first < len(variants):
@@ -214,6 +216,7 @@ class Detector:
                 if forks:
                     inputs = torch.cat([inputs, inputs[[parent for parent, _ in forks]]])
             h = torch.cat(outputs)
+            self.stream.expect_rows(h.shape[0] * h.shape[1])  # forks add rows; the loads already started keep their type
             if self.progress:
                 self.progress(layer + 1, total)
         logits = self.stream.logits(h)

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from swtool import native, workers
 from swtool.arch import Family, family_of
 from swtool.checkpoint.base import Checkpoint
 from swtool.config import ModelConfig
@@ -37,6 +38,17 @@ InputHook = Callable[[int, str, torch.Tensor], torch.Tensor]
 
 HEAD_CHUNK_ROWS = 8192
 """Vocabulary rows of the LM head loaded at once: bounds memory for 128k-token vocabularies."""
+
+SMALL_BATCH_ROWS = 48
+"""Up to this many input rows, 16-bit weights are multiplied in place by swtool's C kernel: three
+times torch's fp32 product at 11 rows, even at about 48 on an AVX-512 core (above it, torch's
+blocked products win even after converting the weights; see `LayerStream.expect_rows`)."""
+
+PRODUCT_BAND_ROWS = 512
+"""Weight rows per work item of `product`: enough work (~1 M weights) to amortise a hand-off to a worker."""
+
+HALF_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
+"""Storage types a matrix may stay in for the products (stored_dtype spelling -> torch dtype)."""
 
 LAYER_NORM_EPS = 1e-5
 """OLMo's parameter-free LayerNorm uses a fixed epsilon (its config has none)."""
@@ -104,6 +116,33 @@ def _yarn(config: ModelConfig, scaling: dict, inv: torch.Tensor) -> tuple[torch.
     return inv / factor * (1 - extrapolation) + inv * extrapolation, float(attention_factor)
 
 
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias), where weight may be kept in 16 bits while x is float32.
+
+    A few rows against a 16-bit matrix go to the C kernel, which reads the weights in place
+    instead of writing and rereading a float32 copy (this product is bound by memory traffic).
+    Inside `workers.parallel_chunks()` bands of the weight's rows go to the worker threads.
+    """
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    lib = native.kernels()
+    if lib is None or rows > SMALL_BATCH_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or not weight.is_contiguous():
+        return F.linear(x, weight.to(x.dtype), bias)
+    flat = x.reshape(rows, x.shape[-1]).contiguous()
+    out_features, in_features = weight.shape
+    y = torch.empty(rows, out_features)
+    code = native.dtype_code(weight.dtype)
+
+    def band(start: int) -> None:
+        stop = min(start + PRODUCT_BAND_ROWS, out_features)
+        lib.linear_half(flat.data_ptr(), rows, in_features, weight[start].data_ptr(), code, stop - start, y[:, start].data_ptr(), out_features)
+
+    workers.run_chunks(band, range(0, out_features, PRODUCT_BAND_ROWS))
+    y = y.view(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -147,6 +186,8 @@ class LayerStream:
         self.family: Family = family_of(self.config)
         self.dtype = dtype
         self.device = torch.device(device)
+        self.keep_16bit = False
+        """Whether matrices stored in 16 bits load as they are (for `product`); see `expect_rows`."""
         self.activation = ACTIVATIONS[self.family.activation]
         self.rope_freqs = checkpoint.load("rope_freqs.weight") if checkpoint.has("rope_freqs.weight") else None
         self.inv_freq, self.attention_factor = inverse_frequencies(self.config, self.rope_freqs)
@@ -163,8 +204,25 @@ class LayerStream:
         self.checkpoint.check_shape(names["embed"], (self.config.vocab_size, self.config.hidden_size))
         self.checkpoint.check_shape(names["head"], (self.config.vocab_size, self.config.hidden_size))
 
+    def expect_rows(self, rows: int) -> None:
+        """Say how many input rows (batch x tokens) the coming layers will run; loads started from now on follow it.
+
+        A few rows (a prompt and its variants) make the products bound by memory traffic, so
+        matrices stored in bf16/fp16 then stay in 16 bits and `product` reads them in place:
+        half the memory for a layer and no conversion by the loaders. Many rows make them
+        bound by arithmetic, where torch's float32 products are faster. Only on the CPU in
+        float32 with the vectorised C kernel; otherwise everything loads in the compute dtype.
+        """
+        lib = native.kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
+        self.keep_16bit = lib is not None and bool(lib.linear_half_vectorised()) and rows <= SMALL_BATCH_ROWS
+
+    def _load_dtype(self, name: str) -> torch.dtype:
+        if self.keep_16bit and len(self.checkpoint.shape(name)) == 2:
+            return HALF_DTYPES.get(self.checkpoint.stored_dtype(name), self.dtype)
+        return self.dtype
+
     def _get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.checkpoint.load(name, self.dtype, out=out).to(self.device)
+        return self.checkpoint.load(name, self._load_dtype(name), out=out).to(self.device)
 
     # -- pieces -----------------------------------------------------------------
 
@@ -251,7 +309,7 @@ class LayerStream:
         """Every projection goes through here, so one hook can see (and fake-quantize) every linear input."""
         if self.input_hook is not None:
             x = self.input_hook(layer, role, x)
-        return F.linear(x, w[role], w.get(role + "_bias"))
+        return product(x, w[role], w.get(role + "_bias"))
 
     def attention(self, layer: int, x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -347,8 +405,8 @@ class LayerStream:
         chunks = []
         for start in range(0, self.config.vocab_size, HEAD_CHUNK_ROWS):
             rows = slice(start, min(start + HEAD_CHUNK_ROWS, self.config.vocab_size))
-            head = self.checkpoint.load(names["head"], self.dtype, rows=rows).to(self.device)
-            chunks.append(F.linear(x, head))
+            head = self.checkpoint.load(names["head"], self._load_dtype(names["head"]), rows=rows).to(self.device)
+            chunks.append(product(x, head))
         logits = torch.cat(chunks, dim=-1)
         cap = self.config.final_softcap
         return cap * torch.tanh(logits / cap) if cap else logits

@@ -20,7 +20,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -379,4 +379,103 @@ void pack_codes(const uint8_t *restrict codes, int64_t groups, int bits, uint8_t
     case 3: pack_width(codes, groups, 3, out); break;
     case 4: pack_width(codes, groups, 4, out); break;
     }
+}
+
+/* ---- Products with 16-bit weights: the scan's forward ---- */
+
+/* y[n, m] = x[n, k] . w[m, k]^T: x and y float32, w float16 (1) or bfloat16 (2), read in place;
+ * rows of y are ldy floats apart, so threads can each fill a band of its columns.
+ *
+ * Why: the scan multiplies a few dozen input rows by each weight, which is bound by memory
+ * traffic, not arithmetic. Converting a bf16 layer to float32 first writes and rereads twice
+ * its bytes; here each block of LIN_ROWS weight rows is converted one chunk of LIN_CHUNK
+ * columns at a time into a buffer that stays in L1 while every input row uses it. Sums are
+ * float32 in another order than torch's: results agree to rounding, not bit for bit.
+ * Vectorised with AVX2 and FMA; linear_half_vectorised() says whether this build is (the
+ * caller keeps torch's path otherwise: a scalar loop would be slower than converting). */
+#define LIN_ROWS 4
+#define LIN_CHUNK 1024
+
+/* The LIN_ROWS dot products of LIN_TOKENS input rows xs with the converted rows wf over kc
+ * columns, into out[token][row]: LIN_ROWS x LIN_TOKENS accumulators stay in registers, so each
+ * loaded weight vector serves every token and each input vector every row. */
+#if defined(__AVX512F__)
+#define LIN_TOKENS 4
+static inline void dot_rows(const float (*restrict wf)[LIN_CHUNK], const float *const *xs, int64_t kc, float (*restrict out)[LIN_ROWS]) {
+    __m512 acc[LIN_TOKENS][LIN_ROWS];
+    for (int t = 0; t < LIN_TOKENS; t++)
+        for (int r = 0; r < LIN_ROWS; r++) acc[t][r] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= kc; j += 16) {
+        __m512 x0 = _mm512_loadu_ps(xs[0] + j), x1 = _mm512_loadu_ps(xs[1] + j), x2 = _mm512_loadu_ps(xs[2] + j), x3 = _mm512_loadu_ps(xs[3] + j);
+        for (int r = 0; r < LIN_ROWS; r++) {
+            __m512 w = _mm512_load_ps(wf[r] + j);
+            acc[0][r] = _mm512_fmadd_ps(w, x0, acc[0][r]);
+            acc[1][r] = _mm512_fmadd_ps(w, x1, acc[1][r]);
+            acc[2][r] = _mm512_fmadd_ps(w, x2, acc[2][r]);
+            acc[3][r] = _mm512_fmadd_ps(w, x3, acc[3][r]);
+        }
+    }
+    for (int t = 0; t < LIN_TOKENS; t++)
+        for (int r = 0; r < LIN_ROWS; r++) out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LIN_TOKENS 2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline void dot_rows(const float (*restrict wf)[LIN_CHUNK], const float *const *xs, int64_t kc, float (*restrict out)[LIN_ROWS]) {
+    __m256 acc[LIN_TOKENS][LIN_ROWS];
+    for (int t = 0; t < LIN_TOKENS; t++)
+        for (int r = 0; r < LIN_ROWS; r++) acc[t][r] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= kc; j += 8) {
+        __m256 x0 = _mm256_loadu_ps(xs[0] + j), x1 = _mm256_loadu_ps(xs[1] + j);
+        for (int r = 0; r < LIN_ROWS; r++) {
+            __m256 w = _mm256_load_ps(wf[r] + j);
+            acc[0][r] = _mm256_fmadd_ps(w, x0, acc[0][r]);
+            acc[1][r] = _mm256_fmadd_ps(w, x1, acc[1][r]);
+        }
+    }
+    for (int t = 0; t < LIN_TOKENS; t++)
+        for (int r = 0; r < LIN_ROWS; r++) out[t][r] = hsum8(acc[t][r]);
+#else
+#define LIN_TOKENS 1
+static inline void dot_rows(const float (*restrict wf)[LIN_CHUNK], const float *const *xs, int64_t kc, float (*restrict out)[LIN_ROWS]) {
+    int64_t j = 0;
+    for (int r = 0; r < LIN_ROWS; r++) out[0][r] = 0.0f;
+#endif
+    for (; j < kc; j++)
+        for (int t = 0; t < LIN_TOKENS; t++)
+            for (int r = 0; r < LIN_ROWS; r++) out[t][r] += wf[r][j] * xs[t][j];
+}
+
+int linear_half_vectorised(void) { return LIN_TOKENS > 1; }
+
+int linear_half(const float *restrict x, int64_t n, int64_t k, const void *w, int dtype, int64_t m, float *restrict y, int64_t ldy) {
+    static _Thread_local float wf[LIN_ROWS][LIN_CHUNK] __attribute__((aligned(64)));
+    float out[LIN_TOKENS][LIN_ROWS];
+    const float *xs[LIN_TOKENS];
+    for (int64_t t = 0; t < n; t++) memset(y + t * ldy, 0, (size_t)m * sizeof(float));
+    for (int64_t r0 = 0; r0 < m; r0 += LIN_ROWS) {
+        int rows = m - r0 < LIN_ROWS ? (int)(m - r0) : LIN_ROWS;
+        for (int64_t c0 = 0; c0 < k; c0 += LIN_CHUNK) {
+            int64_t kc = k - c0 < LIN_CHUNK ? k - c0 : LIN_CHUNK;
+            for (int r = 0; r < LIN_ROWS; r++) {
+                if (r < rows) load(w, dtype, (r0 + r) * k + c0, kc, wf[r]);
+                else memset(wf[r], 0, (size_t)kc * sizeof(float));
+            }
+            for (int64_t t0 = 0; t0 < n; t0 += LIN_TOKENS) {
+                int tokens = n - t0 < LIN_TOKENS ? (int)(n - t0) : LIN_TOKENS;
+                for (int t = 0; t < LIN_TOKENS; t++) xs[t] = x + (t0 + (t < tokens ? t : 0)) * k + c0;  /* spare slots repeat a row */
+                dot_rows((const float (*)[LIN_CHUNK])wf, xs, kc, out);
+                for (int t = 0; t < tokens; t++)
+                    for (int r = 0; r < rows; r++) y[(t0 + t) * ldy + r0 + r] += out[t][r];
+            }
+        }
+    }
+    return 0;
 }

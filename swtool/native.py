@@ -40,6 +40,8 @@ SIGNATURES = {
     "ggml_bf16": [_P, _I, _L, _P],
     "rtn_quantize": [_P, _I, _L, _L, _I, _I, _P, _P, _P, _P],
     "pack_codes": [_P, _L, _I, _P],
+    "linear_half": [_P, _L, _L, _P, _I, _L, _P, _L],
+    "linear_half_vectorised": [],
 }
 
 status = "not loaded yet"
@@ -60,7 +62,7 @@ def _flags() -> list[str]:
     flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
     if platform.machine() in ("x86_64", "AMD64"):
         cpu = _cpu_flags()
-        flags += [f"-m{f}" for f in ("avx2", "f16c") if f in cpu]
+        flags += [f"-m{f}" for f in ("avx2", "fma", "f16c", "avx512f") if f in cpu]
     return flags
 
 

@@ -43,6 +43,8 @@ def test_rows_and_whole_tensors_match_the_reference_loader(model_dir, tmp_path, 
     assert checkpoint.load("a", torch.float32, out=out) is out
     assert torch.equal(out, a.float())
     assert checkpoint.load("a", torch.float32, out=torch.empty(5, 37)).shape == (37, 5)  # wrong shape: a new tensor
+    same = torch.empty(37, 5, dtype=torch.bfloat16)  # stored as wanted: read straight into the buffer
+    assert checkpoint.load("a", torch.bfloat16, out=same) is same and torch.equal(same, a)
 
 
 def test_reused_buffers_and_the_prefetching_walk_give_the_same_layers(model_dir):

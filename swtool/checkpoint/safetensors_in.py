@@ -249,9 +249,12 @@ class SafetensorsCheckpoint(Checkpoint):
         return torch.from_numpy(array).view(torch_dtype)
 
     def _read_into(self, name: str, out: torch.Tensor) -> bool:
-        # Through one private staging block, reused for every tensor: fresh memory costs page faults.
         entry = self._entries[name]
         np_dtype, torch_dtype = DTYPES[entry.dtype]
+        if out.dtype == torch_dtype:  # stored as wanted: straight into out, one copy
+            self._read_span(entry.file, entry.start, out.view(-1).view(torch.uint8).numpy())
+            return True
+        # Through one private staging block, reused for every tensor: fresh memory costs page faults.
         flat = out.view(-1)
         itemsize = np_dtype.itemsize
         step = max(1, READ_BLOCK_BYTES // itemsize)

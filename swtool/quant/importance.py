@@ -53,6 +53,7 @@ def input_importance(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     stream = LayerStream(checkpoint, dtype, input_hook=record)
     with torch.no_grad():
         h = stream.embed(torch.tensor([encode(checkpoint, prompt or DEFAULT_PROMPT)]))
+        stream.expect_rows(h.shape[1])
         for layer, weights in stream.walk():
             h = stream.run_layer(layer, h, weights)
     out = {}
