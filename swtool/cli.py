@@ -149,6 +149,9 @@ def scan(
     """Stream a checkpoint layer by layer and report its super activations and super weights."""
 
     def run() -> int:
+        from swtool import readahead
+
+        readahead.start(models[0])  # the disk works while torch imports
         from swtool import directory as sw_directory
         from swtool.checkpoint import open_checkpoint
         from swtool.detect import scan as run_scan
@@ -166,8 +169,10 @@ def scan(
         if expect is not None:
             known.require(expect)  # fail before a long scan, not after
         failures = 0
-        for model in models:
+        for index, model in enumerate(models):
             try:
+                if index:
+                    readahead.start(model)
                 checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
                 with progress_bar(f"scan {model.name}", enabled=not (quiet or as_json)) as progress:
                     result = run_scan(

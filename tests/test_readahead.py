@@ -1,0 +1,69 @@
+"""The read-ahead asks for every tensor byte once, in the order a layer walk reads them, and never fails a command."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import torch
+from safetensors.torch import save_file
+
+from swtool import readahead
+
+
+def sharded(directory, shards: dict[str, dict[str, torch.Tensor]]) -> None:
+    weight_map = {}
+    for file, tensors in shards.items():
+        save_file(tensors, directory / file)
+        weight_map.update(dict.fromkeys(tensors, file))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def layer_of(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else 1 << 30
+
+
+def test_spans_cover_every_tensor_once_in_layer_order(tmp_path):
+    names = [f"model.layers.{layer}.{part}.weight" for layer in (0, 2, 10, 11) for part in ("mlp.down_proj", "self_attn.q_proj")]
+    tensors = {name: torch.full((3, 5), float(i), dtype=torch.bfloat16) for i, name in enumerate(names)}
+    tensors["model.embed_tokens.weight"] = torch.zeros(7, 5, dtype=torch.bfloat16)
+    tensors["lm_head.weight"] = torch.zeros(7, 5, dtype=torch.bfloat16)
+    first = {n: tensors[n] for n in names[:5]} | {"model.embed_tokens.weight": tensors["model.embed_tokens.weight"]}
+    second = {n: t for n, t in tensors.items() if n not in first}
+    sharded(tmp_path, {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second})
+    spans = readahead._spans(tmp_path)
+    assert sum(stop - start for _, start, stop in spans) == sum(t.numel() * 2 for t in tensors.values())
+    # each byte range maps back to tensors; the layers they hold never go backwards
+    order = []
+    for file, start, stop in spans:
+        raw = file.read_bytes()
+        header_end = 8 + int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:header_end])
+        inside = [n for n, e in header.items() if n != "__metadata__" and start <= header_end + e["data_offsets"][0] < stop]
+        order += sorted({layer_of(n) for n in inside})
+    assert order == sorted(order)  # text order would put layer 10 before 2
+    assert list(dict.fromkeys(order)) == [0, 2, 10, 11, 1 << 30]  # layer 10 spans both shards; embeddings and head last
+    assert len(spans) < len(tensors)  # neighbours in a file are merged into one range
+
+
+def test_a_gguf_file_is_one_range(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(100))
+    assert readahead._spans(path) == [(path, 0, 104)]
+
+
+def test_unreadable_input_ends_the_thread_quietly(tmp_path, monkeypatch):
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 20)  # a header length far past the file
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    header = b"[1, 2]"
+    (listed / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)  # JSON, but not a header
+    for model in (tmp_path, listed, tmp_path / "missing"):
+        thread = readahead.start(model)
+        assert thread is not None
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    assert errors == []
