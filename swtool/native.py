@@ -1,16 +1,19 @@
 """swtool's fused C kernels (kernels.c), compiled on first use where a C compiler exists.
 
 Why: the torch codecs make one pass over memory per elementwise op; the C loops
-read each block once (see kernels.c). Compiling costs well under a second and is
+read each block once, and the scan's small products read 16-bit weights in place
+(see kernels.c). Compiling costs well under a second and is
 cached per user, keyed by the source, the compiler and its flags, so it is paid
 once per machine. Nothing here is required: without a compiler (or when
 compiling, loading or the self-check fails, or SWTOOL_NATIVE=0) `kernels()`
-returns None and callers take their torch path, which writes the same bytes.
+returns None and callers take their torch path (the codecs write the same bytes).
 
-Flags: -O3 with -ffp-contract=off (no fused multiply-add: every rounding is the
-reference's; -fno-math-errno and -fno-trapping-math change no result, they only
-let loops vectorise), plus -mavx2 / -mf16c only when the CPU reports them (not
--march=native, which can pick instructions a virtual machine does not run).
+Flags: -O3 with -ffp-contract=off (the compiler fuses no multiply-add: every
+rounding of the codecs is the reference's; only linear_half asks for FMA
+explicitly; -fno-math-errno and -fno-trapping-math change no result, they only
+let loops vectorise), plus -mavx2 / -mfma / -mf16c / -mavx512f only when the CPU
+reports them (not -march=native, which can pick instructions a virtual machine
+does not run).
 """
 
 from __future__ import annotations
