@@ -2,6 +2,7 @@
 
     python bench/scan_bench.py --preset 1.1b          # ~2.2 GB checkpoint, also scans an 11-layer twin
     python bench/scan_bench.py --preset 7b --delete   # ~13.5 GB checkpoint under /tmp, deleted afterwards
+    python bench/scan_bench.py --repeat 3             # every command 3 times, interleaved; medians reported
 
 1. Writes a random Llama-shaped checkpoint (bf16, normal std 0.02, norms 1,
    sharded with an index, byte-level tokenizer) one tensor at a time through
@@ -30,11 +31,12 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +247,27 @@ class Run:
     load_before: float
     """1-minute load average when the run started (the machine is shared)."""
     output: str = ""
+    walls: list[float] | None = None
+    """Every run's wall time, where this Run holds the medians of several."""
+
+
+def medians(runs: list[Run]) -> list[Run]:
+    """One Run per (tool, cache), in first-seen order: median wall, CPU and peak RSS of its runs."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.tool, run.cache), []).append(run)
+    return [
+        replace(
+            group[0],
+            wall_s=statistics.median(r.wall_s for r in group),
+            cpu_s=statistics.median(r.cpu_s for r in group),
+            peak_rss_mb=statistics.median(r.peak_rss_mb for r in group),
+            status=max(r.status for r in group),
+            load_before=statistics.median(r.load_before for r in group),
+            walls=[r.wall_s for r in group],
+        )
+        for group in groups.values()
+    ]
 
 
 TIME = "/usr/bin/time"
@@ -343,6 +366,7 @@ def main() -> None:
     parser.add_argument("--caches", default="cold,warm", help="which runs to make: cold, warm or both (warm right after cold)")
     parser.add_argument("--delete", action="store_true", help="delete the written checkpoints at the end")
     parser.add_argument("--json-out", type=Path, help="also write every measurement here")
+    parser.add_argument("--repeat", type=int, default=1, help="measure every command this many times (interleaved) and report medians")
     parser.add_argument("--cpus", help="run every measured command on these CPUs only (taskset -c), e.g. 0,1")
     args = parser.parse_args()
     if args.cpus:
@@ -365,44 +389,56 @@ def main() -> None:
     shards = weight_files(directory)
     print(f"  wrote {len(shards)} shards in {seconds:.0f} s" if seconds else f"  reusing {directory}", flush=True)
 
-    runs: list[Run] = []
-    cat = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, shards)]
-    runs += cold_and_warm("read (cat)", cat, directory)
-    runs += cold_and_warm("swtool scan", [*swtool_command(), "scan", str(directory), "--json"], directory)
-    skipped: dict[str, str] = {}
-    if args.transformers != "none":
-        for dtype, reason in transformers_plan(spec, args.transformers.split(",")):
-            if reason:
-                skipped[f"transformers {dtype}"] = reason
-                print(f"  transformers {dtype}: skipped, {reason}", flush=True)
-                continue
-            argv = [sys.executable, str(HERE / "transformers_scan.py"), str(directory), "--dtype", dtype]
-            runs += cold_and_warm(f"transformers {dtype}", argv, directory)
-    twin_runs: list[Run] = []
+    twin_dir = None
     if depth_check:
         twin = dict(spec, num_hidden_layers=spec["num_hidden_layers"] // 2)
         twin_dir = args.dir / f"{args.preset}-{twin['num_hidden_layers']}l"
         if any(layer >= twin["num_hidden_layers"] for layer, _, _ in twin["planted"]):
             sys.exit("a planted weight lies beyond the half-depth twin")
         write_checkpoint(twin_dir, twin, args.max_shard)
-        twin_runs = cold_and_warm(f"swtool scan {twin['num_hidden_layers']} layers", [*swtool_command(), "scan", str(twin_dir), "--json"], twin_dir)
+
+    cat = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, shards)]
+    skipped: dict[str, str] = {}
+    plan = [("read (cat)", cat, directory), ("swtool scan", [*swtool_command(), "scan", str(directory), "--json"], directory)]
+    if args.transformers != "none":
+        for dtype, reason in transformers_plan(spec, args.transformers.split(",")):
+            if reason:
+                skipped[f"transformers {dtype}"] = reason
+                print(f"  transformers {dtype}: skipped, {reason}", flush=True)
+                continue
+            plan.append((f"transformers {dtype}", [sys.executable, str(HERE / "transformers_scan.py"), str(directory), "--dtype", dtype], directory))
+    twin_plan = []
+    if twin_dir is not None:
+        twin_plan.append((f"swtool scan {spec['num_hidden_layers'] // 2} layers", [*swtool_command(), "scan", str(twin_dir), "--json"], twin_dir))
+    all_runs: list[Run] = []
+    for round_number in range(args.repeat):
+        if args.repeat > 1:
+            print(f"  round {round_number + 1} of {args.repeat}", flush=True)
+        for tool, argv, where in plan + twin_plan:  # rounds interleave the tools, so a slow spell of a shared machine hits them all
+            all_runs += cold_and_warm(tool, argv, where)
+    runs = medians([r for r in all_runs if r.tool in {tool for tool, _, _ in plan}])
+    twin_runs = medians([r for r in all_runs if r.tool in {tool for tool, _, _ in twin_plan}])
+    for run in all_runs:
+        if run.tool == "swtool scan" and not check_scan(run, [tuple(c) for c in spec["planted"]])[0]:
+            print(f"  a {run.cache} scan did NOT find the planted weights exactly", flush=True)
 
     report(name, spec, runs, twin_runs, skipped)
     if args.json_out:
-        args.json_out.write_text(json.dumps({"preset": name, "spec": spec, "runs": [asdict(r) | {"output": None} for r in runs + twin_runs], "skipped": skipped}, indent=2) + "\n")
+        args.json_out.write_text(json.dumps({"preset": name, "spec": spec, "runs": [asdict(r) | {"output": None} for r in all_runs], "skipped": skipped}, indent=2) + "\n")
     if args.delete:
         shutil.rmtree(directory)
-        if depth_check:
+        if twin_dir is not None:
             shutil.rmtree(twin_dir)
 
 
 def report(name: str, spec: dict, runs: list[Run], twin_runs: list[Run], skipped: dict[str, str]) -> None:
     by = {(r.tool, r.cache): r for r in runs + twin_runs}
     print(f"\n{name}: {spec['num_hidden_layers']} layers, hidden {spec['hidden_size']}, intermediate {spec['intermediate_size']}")
-    print(f"| {'run':<26} | cache | wall s | CPU s | peak RSS MB | load |")
-    print(f"|{'-' * 28}|-------|--------|-------|-------------|------|")
+    print(f"| {'run':<26} | cache | wall s | CPU s | peak RSS MB | load | wall s of each run |")
+    print(f"|{'-' * 28}|-------|--------|-------|-------------|------|--------------------|")
     for r in runs + twin_runs:
-        print(f"| {r.tool:<26} | {r.cache:<5} | {r.wall_s:6.1f} | {r.cpu_s:5.1f} | {r.peak_rss_mb:11.0f} | {r.load_before:4.1f} |")
+        each = " ".join(f"{w:.1f}" for w in r.walls or [r.wall_s])
+        print(f"| {r.tool:<26} | {r.cache:<5} | {r.wall_s:6.1f} | {r.cpu_s:5.1f} | {r.peak_rss_mb:11.0f} | {r.load_before:4.1f} | {each} |")
     for tool, reason in skipped.items():
         print(f"| {tool:<26} | skipped: {reason}")
     for cache in CACHES:
