@@ -70,7 +70,8 @@ def _spans(model: Path) -> list[tuple[Path, int, int]]:
 
     A GGUF file is one range (llama.cpp writes it in layer order). For safetensors the
     headers give each tensor's place; shards store names sorted as text (layer 10 before
-    layer 2), so ranges are ordered by layer number, and adjacent ones merged.
+    layer 2), so ranges are ordered by layer number, and adjacent ones merged. The
+    embedding matrix is left out where a separate LM head exists (6 % of a 1.1B model).
     """
     if model.is_file():
         return [(model, 0, model.stat().st_size)]
@@ -89,9 +90,11 @@ def _spans(model: Path) -> list[tuple[Path, int, int]]:
                 continue
             layer = _LAYER.search(tensor)
             begin, end = entry["data_offsets"]
-            tensors.append((int(layer.group(1)) if layer else 1 << 30, str(path), 8 + length + begin, 8 + length + end))
+            tensors.append((tensor, int(layer.group(1)) if layer else 1 << 30, str(path), 8 + length + begin, 8 + length + end))
+    if any(name == "lm_head.weight" for name, *_ in tensors):  # untied: a walk reads only the prompt's embedding rows
+        tensors = [t for t in tensors if not t[0].endswith("embed_tokens.weight")]
     spans: list[tuple[Path, int, int]] = []
-    for _, path, begin, end in sorted(tensors):
+    for _, _, path, begin, end in sorted(tensors, key=lambda t: t[1:]):
         if spans and spans[-1][0] == Path(path) and spans[-1][2] == begin:
             spans[-1] = (spans[-1][0], spans[-1][1], end)
         else:
