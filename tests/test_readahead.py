@@ -67,8 +67,25 @@ def test_unreadable_input_ends_the_thread_quietly(tmp_path, monkeypatch):
     header = b"[1, 2]"
     (listed / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)  # JSON, but not a header
     for model in (tmp_path, listed, tmp_path / "missing"):
-        thread = readahead.start(model)
-        assert thread is not None
-        thread.join(timeout=10)
-        assert not thread.is_alive()
+        ahead = readahead.start(model)
+        assert ahead is not None
+        ahead.thread.join(timeout=10)
+        assert not ahead.thread.is_alive()
     assert errors == []
+
+
+def test_stop_ends_the_read_ahead(tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(bytes(64 << 20))
+    calls, release = [], threading.Event()
+
+    def advise(descriptor, offset, length, advice):
+        calls.append(offset)
+        release.wait(10)  # hold the first call until stop() has been asked
+
+    monkeypatch.setattr(readahead.os, "posix_fadvise", advise)
+    ahead = readahead.start(path)
+    ahead.stop()
+    release.set()
+    ahead.thread.join(timeout=10)
+    assert not ahead.thread.is_alive() and len(calls) <= 1 < (64 << 20) // readahead.STEP_BYTES
