@@ -171,7 +171,8 @@ def causal_mask(length: int, window: int | None, device: torch.device) -> torch.
 
 
 class LayerStream:
-    """A checkpoint walked one layer at a time on a device, in one compute dtype."""
+    """A checkpoint walked one layer at a time on a device, computing in one dtype (matrices may stay
+    in their 16-bit storage type for small batches, see `expect_rows`)."""
 
     def __init__(
         self,
