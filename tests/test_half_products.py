@@ -104,3 +104,28 @@ def test_scan_of_a_bf16_checkpoint_is_the_same_with_either_product(bf16_model, m
     assert [(c.layer, c.row, c.col) for c in fast.super_weights] == [(1, 7, 40)]
     for a, b in zip(fast.candidates, slow.candidates):
         assert a.activation == pytest.approx(b.activation, rel=1e-4) and a.effect == pytest.approx(b.effect, rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("dropped", [{"avx512f"}, {"avx512f", "avx2", "fma"}], ids=["avx2", "scalar"])
+def test_builds_for_other_instruction_sets_give_the_same_products(dropped, monkeypatch):
+    """This machine's build takes the AVX-512 path; the AVX2 and plain-C ones are built here as a CPU without them would."""
+    cpu = native._cpu_flags()
+    if "avx512f" not in cpu or not {"avx2", "fma"} <= cpu:
+        pytest.skip("the default build already is the one this would test")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: cpu - dropped)
+    native.kernels.cache_clear()
+    try:
+        lib = native.kernels()
+        if lib is None:
+            pytest.skip(native.status)
+        assert bool(lib.linear_half_vectorised()) == ("avx2" not in dropped)
+        generator = torch.Generator().manual_seed(3)
+        for dtype in (torch.bfloat16, torch.float16):
+            weight = (torch.randn(37, 2500, generator=generator) * 0.1).to(dtype)
+            x = torch.randn(5, 2500, generator=generator)
+            y = torch.empty(5, 37)
+            lib.linear_half(x.data_ptr(), 5, 2500, weight.data_ptr(), native.dtype_code(dtype), 37, y.data_ptr(), 37)
+            scale = reference(x.abs(), weight.float().abs(), None).max()
+            assert float((y.double() - reference(x, weight, None)).abs().max()) <= 1e-6 * float(scale)
+    finally:
+        native.kernels.cache_clear()  # the next caller builds (or finds) this machine's own library again
