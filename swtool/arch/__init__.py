@@ -173,35 +173,24 @@ OLMO2 = Family(
     pre_norm=False,
     qk_norm="full",
 )
-GEMMA = Family(
-    name="gemma",
-    model_types=("gemma",),
-    gguf_arch="gemma",
-    gguf_norm_offset=1.0,
-    norm="rms1p",
-    activation="gelu_tanh",
-    embed_scale=True,
-)
+GEMMA_SWITCHES = {"gguf_norm_offset": 1.0, "norm": "rms1p", "activation": "gelu_tanh", "embed_scale": True}
+"""What every Gemma generation shares: RMSNorm by 1 + w (stored as 1 + w by llama.cpp), GeGLU, scaled embeddings."""
+
+GEMMA = Family(name="gemma", model_types=("gemma",), gguf_arch="gemma", **GEMMA_SWITCHES)
 GEMMA2 = Family(
     name="gemma2",
     model_types=("gemma2",),
     gguf_arch="gemma2",
     tensors={**SANDWICH_NORMS, **LLAMA_ATTENTION, **DENSE_MLP},
-    gguf_norm_offset=1.0,
-    norm="rms1p",
-    activation="gelu_tanh",
-    embed_scale=True,
+    **GEMMA_SWITCHES,
 )
 GEMMA3 = Family(
     name="gemma3",
     model_types=("gemma3_text", "gemma3"),
     gguf_arch="gemma3",
     tensors={**SANDWICH_NORMS, **LLAMA_ATTENTION, **QK_NORMS, **DENSE_MLP},
-    gguf_norm_offset=1.0,
-    norm="rms1p",
     qk_norm="head",
-    activation="gelu_tanh",
-    embed_scale=True,
+    **GEMMA_SWITCHES,
 )
 MIXTRAL = Family(
     name="mixtral",
