@@ -130,36 +130,37 @@ def _affine_levels(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, tor
     return d, low, _levels((blocks - low).mul_(_reciprocal(d)).add_(0.5), levels - 1)
 
 
-def _q4_0(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    d, q = _symmetric_levels(blocks, 16)
-    out[:, :2] = _fp16_bytes(d)
-    out[:, 2:] = _nibbles(q)
-    return d
+def _put_codes(q: torch.Tensor, out: torch.Tensor, start: int, levels: int) -> None:
+    """The levels after a block's header: Q5's word of bit 4 first, then the nibbles (kernels.c's put_codes)."""
+    if levels == 32:
+        out[:, start : start + 4] = _high_bits(q)
+        start += 4
+    out[:, start:] = _nibbles(q)
 
 
-def _q4_1(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    d, low, q = _affine_levels(blocks, 16)
-    out[:, :2] = _fp16_bytes(d)
-    out[:, 2:4] = _fp16_bytes(low)
-    out[:, 4:] = _nibbles(q)
-    return d
+def _symmetric(levels: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The Q4_0 (16 levels) or Q5_0 (32) codec: header fp16 d."""
+
+    def codec(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        d, q = _symmetric_levels(blocks, levels)
+        out[:, :2] = _fp16_bytes(d)
+        _put_codes(q, out, 2, levels)
+        return d
+
+    return codec
 
 
-def _q5_0(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    d, q = _symmetric_levels(blocks, 32)
-    out[:, :2] = _fp16_bytes(d)
-    out[:, 2:6] = _high_bits(q)
-    out[:, 6:] = _nibbles(q)
-    return d
+def _affine(levels: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The Q4_1 (16 levels) or Q5_1 (32) codec: header fp16 d, fp16 min."""
 
+    def codec(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        d, low, q = _affine_levels(blocks, levels)
+        out[:, :2] = _fp16_bytes(d)
+        out[:, 2:4] = _fp16_bytes(low)
+        _put_codes(q, out, 4, levels)
+        return d
 
-def _q5_1(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    d, low, q = _affine_levels(blocks, 32)
-    out[:, :2] = _fp16_bytes(d)
-    out[:, 2:4] = _fp16_bytes(low)
-    out[:, 4:8] = _high_bits(q)
-    out[:, 8:] = _nibbles(q)
-    return d
+    return codec
 
 
 def _bf16(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -183,10 +184,10 @@ def _f16(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 CODECS: dict[QType, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     QType.Q8_0: _q8_0,
-    QType.Q4_0: _q4_0,
-    QType.Q4_1: _q4_1,
-    QType.Q5_0: _q5_0,
-    QType.Q5_1: _q5_1,
+    QType.Q4_0: _symmetric(16),
+    QType.Q4_1: _affine(16),
+    QType.Q5_0: _symmetric(32),
+    QType.Q5_1: _affine(32),
     QType.BF16: _bf16,
     QType.F16: _f16,
 }
