@@ -17,6 +17,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from typer.core import TyperCommand
 
+from swtool import readahead
 from swtool.errors import SwtoolError
 
 app = typer.Typer(
@@ -149,9 +150,7 @@ def scan(
     """Stream a checkpoint layer by layer and report its super activations and super weights."""
 
     def run() -> int:
-        from swtool import readahead
-
-        ahead = readahead.start(models[0])  # the disk works while torch imports
+        ahead = readahead.start(models[0])  # the disk works while torch imports; stopped once the checkpoint is open
         from swtool import directory as sw_directory
         from swtool.checkpoint import open_checkpoint
         from swtool.detect import scan as run_scan
@@ -172,8 +171,7 @@ def scan(
         for model in models:
             try:
                 checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
-                if ahead is not None:
-                    ahead.stop()  # from here the scan's loaders read, faster on their own
+                ahead.stop()  # from here the loaders read, faster on their own
                 with progress_bar(f"scan {model.name}", enabled=not (quiet or as_json)) as progress:
                     result = run_scan(
                         checkpoint,
@@ -254,6 +252,7 @@ def quantize(
     """Round-to-nearest block quantization, streamed tensor by tensor, with super weights held out."""
 
     def run() -> int:
+        ahead = readahead.start(model)
         from swtool.checkpoint import open_checkpoint
         from swtool.checkpoint.atomic import atomic_output, check_target
         from swtool.checkpoint.safetensors_out import parse_size
@@ -272,6 +271,7 @@ def quantize(
         writer, is_directory = WRITERS[out_format]
         ggml_type = gguf_types(out_format, gguf_type, bits, super_type)
         checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
+        ahead.stop()
         refuse_quantized(checkpoint)
         check_target(output, [model], force)
         digests = {}
@@ -337,6 +337,7 @@ def eval_(
     """Perplexity of MODEL on a text, streamed layer by layer (GPTQ-style non-overlapping windows)."""
 
     def run() -> int:
+        ahead = readahead.start(model)
         from swtool.checkpoint import open_checkpoint
         from swtool.edit import EditPlan, find_super_weights
         from swtool.evaluate import Options, evaluate
@@ -347,6 +348,7 @@ def eval_(
         if batch < 1:
             raise SwtoolError("--batch must be at least 1")
         checkpoint = open_checkpoint(model)
+        ahead.stop()
         edit = EditPlan(zero_super=zero_super, scale_super=scale_super, zero_outliers=zero_outliers)
         if edit.active or restore_super_act or super_file is not None:
             supers = find_super_weights(checkpoint, super_file, sys.stdin, required=edit.factor is not None or restore_super_act, dtype=compute, device=device)
@@ -399,6 +401,7 @@ def dequantize(
     """Write a quantized checkpoint (swtool's, or a GGUF) back as a standard Hugging Face checkpoint."""
 
     def run() -> int:
+        ahead = readahead.start(quantized)
         from swtool.checkpoint import open_checkpoint
         from swtool.checkpoint.atomic import atomic_output, check_target
         from swtool.checkpoint.safetensors_out import parse_size
@@ -408,6 +411,7 @@ def dequantize(
         target_dtype = torch_dtype(dtype) if dtype is not None else None
         max_bytes = parse_size(max_shard_size)
         checkpoint = open_checkpoint(quantized)
+        ahead.stop()
         if checkpoint.format != "gguf":
             require_quantized(checkpoint)
         check_target(output, [quantized], force)

@@ -34,12 +34,17 @@ _LAYER = re.compile(r"(?:\.layers\.|^blk\.)(\d+)\.")
 
 
 class ReadAhead:
-    """Asks for `model`'s bytes on a daemon thread until `stop()` or the end of the model."""
+    """Asks for `model`'s bytes on a daemon thread until `stop()` or the end of the model.
+
+    Where the OS has no posix_fadvise there is no thread (`thread` is None) and stop() does nothing.
+    """
 
     def __init__(self, model: Path):
         self._stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(Path(model),), name="swtool-readahead", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        if hasattr(os, "posix_fadvise"):
+            self.thread = threading.Thread(target=self._run, args=(Path(model),), name="swtool-readahead", daemon=True)
+            self.thread.start()
 
     def stop(self) -> None:
         """Ask for nothing more (reads already asked for go on in the kernel)."""
@@ -65,9 +70,9 @@ class ReadAhead:
             return
 
 
-def start(model: Path) -> ReadAhead | None:
-    """Read `model` (an HF directory or a GGUF file) ahead until stopped; None where the OS cannot."""
-    return ReadAhead(model) if hasattr(os, "posix_fadvise") else None
+def start(model: Path) -> ReadAhead:
+    """Read `model` (an HF directory or a GGUF file) ahead until stopped."""
+    return ReadAhead(model)
 
 
 def _available_memory() -> int:

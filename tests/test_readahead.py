@@ -68,7 +68,7 @@ def test_unreadable_input_ends_the_thread_quietly(tmp_path, monkeypatch):
     (listed / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)  # JSON, but not a header
     for model in (tmp_path, listed, tmp_path / "missing"):
         ahead = readahead.start(model)
-        assert ahead is not None
+        assert ahead.thread is not None
         ahead.thread.join(timeout=10)
         assert not ahead.thread.is_alive()
     assert errors == []
