@@ -482,15 +482,32 @@ def main() -> None:
         status = 130
     except typer.Exit as exc:
         status = exc.exit_code
+    except BrokenPipeError:  # outside a command body (--version, --help): as `guarded` does
+        status = 141
+    except OSError as exc:  # stdout on a full disk, say, outside a command body
+        status = write_failed(exc)
     leave(status)
+
+
+def write_failed(exc: OSError) -> int:
+    try:
+        print(f"swtool: error: cannot write the output: {exc}", file=sys.stderr)
+    except OSError:
+        pass
+    return 1
 
 
 def leave(status: int) -> NoReturn:
     try:
         sys.stdout.flush()
-        sys.stderr.flush()
     except BrokenPipeError:  # whoever read stdout went away before the last bytes: as `guarded` says it
         status = status or 141
+    except OSError as exc:  # the last buffered bytes did not fit (a full disk)
+        status = status or write_failed(exc)
+    try:
+        sys.stderr.flush()
+    except OSError:
+        pass
     os._exit(status)
 
 

@@ -130,6 +130,17 @@ def test_a_closed_pipe_stops_quietly(models):
     assert done.stderr == ""
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+@pytest.mark.parametrize("argv", [["--version"], ["directory", "--json"]], ids=["eager option", "command"])
+def test_output_on_a_full_disk_is_one_line_and_status_1(argv):
+    """Whether the write fails inside a command or in the last flush before the process leaves, no traceback."""
+    for unbuffered in ("1", ""):  # print fails at once, or only at the final flush
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([*SWTOOL, *argv], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and "No space left" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_option_errors_are_one_line_too(models, tmp_path):
     """What the option parser refuses reads like every other user error (the console script wraps typer)."""
     done = subprocess.run([*SWTOOL, "quantize", str(models / "alpha"), "-o", str(tmp_path / "q"), "--bits", "abc"], capture_output=True, text=True, timeout=120)
