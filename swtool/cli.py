@@ -438,6 +438,7 @@ def edit(
     """Write a copy of MODEL with its super weights zeroed or scaled, or its other outliers pruned, streamed."""
 
     def run() -> int:
+        ahead = readahead.start(model)
         from swtool.checkpoint import open_checkpoint
         from swtool.checkpoint.atomic import check_target
         from swtool.checkpoint.safetensors_out import parse_size
@@ -446,6 +447,7 @@ def edit(
 
         shard_bytes = parse_size(max_shard_size)
         checkpoint = open_checkpoint(model)
+        ahead.stop()
         plan = EditPlan(zero_super=zero_super, scale_super=scale_super, zero_outliers=zero_outliers)
         if not plan.active:
             raise SwtoolError("nothing to do: give --zero-super, --scale-super or --zero-outliers")
