@@ -128,7 +128,7 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
-    lib = native.kernels()
+    lib = native.product_kernels()
     if lib is None or rows > SMALL_BATCH_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or not weight.is_contiguous():
         return F.linear(x, weight.to(x.dtype), bias)
     flat = x.reshape(rows, x.shape[-1]).contiguous()
@@ -216,8 +216,8 @@ class LayerStream:
         bound by arithmetic, where torch's float32 products are faster. Only on the CPU in
         float32 with the vectorised C kernel; otherwise everything loads in the compute dtype.
         """
-        lib = native.kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
-        self.keep_16bit = lib is not None and bool(lib.linear_half_vectorised()) and rows <= SMALL_BATCH_ROWS
+        on_cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        self.keep_16bit = on_cpu_fp32 and native.product_kernels() is not None and rows <= SMALL_BATCH_ROWS
 
     def _load_dtype(self, name: str) -> torch.dtype:
         if self.keep_16bit and len(self.checkpoint.shape(name)) == 2:

@@ -391,8 +391,9 @@ void pack_codes(const uint8_t *restrict codes, int64_t groups, int bits, uint8_t
  * its bytes; here each block of LIN_ROWS weight rows is converted one chunk of LIN_CHUNK
  * columns at a time into a buffer that stays in L1 while every input row uses it. Sums are
  * float32 in another order than torch's: results agree to rounding, not bit for bit.
- * Vectorised with AVX2 and FMA; linear_half_vectorised() says whether this build is (the
- * caller keeps torch's path otherwise: a scalar loop would be slower than converting). */
+ * Vectorised with AVX-512 or with AVX2 and FMA; linear_half_vectorised() says whether this
+ * build is (the caller keeps torch's path otherwise: a scalar loop would be slower than
+ * converting). */
 #define LIN_ROWS 4
 #define LIN_CHUNK 1024
 

@@ -150,3 +150,10 @@ def kernels() -> ctypes.CDLL | None:
 def dtype_code(dtype) -> int | None:
     """The kernels' code for a torch or numpy float dtype, or None when they do not read it."""
     return DTYPES.get(str(dtype).removeprefix("torch."))
+
+
+def product_kernels() -> ctypes.CDLL | None:
+    """The kernels where `linear_half` is vectorised, or None: a scalar build multiplies more
+    slowly than converting the weights for torch (callers then keep torch's path)."""
+    lib = kernels()
+    return lib if lib is not None and lib.linear_half_vectorised() else None

@@ -20,12 +20,7 @@ from swtool.workers import parallel_chunks
 from tiny import build, plant
 
 
-def vectorised() -> bool:
-    lib = native.kernels()
-    return lib is not None and bool(lib.linear_half_vectorised())
-
-
-needs_kernel = pytest.mark.skipif(not vectorised(), reason=f"no vectorised C product here ({native.status})")
+needs_kernel = pytest.mark.skipif(native.product_kernels() is None, reason=f"no vectorised C product here ({native.status})")
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
