@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 import torch
 
-from swtool.quant.ggml import TYPES, encode
+from swtool.codecs.ggml import TYPES, encode
 
 
 def best_time(fn, repeat: int) -> tuple[float, float, object]:

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from clirun import invoke  # noqa: E402
-from swtool.checkpoint import open_checkpoint  # noqa: E402
+from swtool.formats import open_checkpoint  # noqa: E402
 from swtool.tokenizer import encode  # noqa: E402
 from test_gguf_families import chunk_perplexities  # noqa: E402
 from test_gguf_families_out import FAMILIES, OPTIONS, TEXT, add_byte_merge  # noqa: E402

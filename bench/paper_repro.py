@@ -6,7 +6,7 @@ Writes bench/results/paper_repro.md and PNG plots next to it:
   Figure 4  the super activation after every layer, original vs SW pruned
   Figure 6  perplexity against the super weight's scale
   Figure 7  4-bit RTN perplexity against block size: plain, keep-super, keep-super + clip auto
-            (needs swtool.quant.rtn from the quantize branch; left out when it is absent)
+            (needs swtool.codecs.rtn from the quantize branch; left out when it is absent)
   Table 3   FP / naive W8A8 / SmoothQuant / W8A8 with the super activation kept
   Stopwords next-token distributions with and without the super weight
 
@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT / "fixtures"))
 
 from fetch import CACHE, smollm2_gguf, wiki_text  # noqa: E402
 
-from swtool.checkpoint import open_checkpoint  # noqa: E402
+from swtool.formats import open_checkpoint  # noqa: E402
 from swtool.edit import EditPlan, linear_layers, linear_roles  # noqa: E402
 from swtool.evaluate import Options, cut_windows, perplexity, weights_hook  # noqa: E402
-from swtool.forward import LayerStream  # noqa: E402
-from swtool.quant.supers import Held, from_scan  # noqa: E402
+from swtool.model.forward import LayerStream  # noqa: E402
+from swtool.codecs.supers import Held, from_scan  # noqa: E402
 from swtool.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPTS = [
@@ -63,7 +63,7 @@ BLOCKS = [64, 4096, 65536, "tensor"]
 
 def model_dir() -> Path:
     """SmolLM2 as an fp16 HF directory, exported once from the GGUF into the cache."""
-    from swtool.checkpoint.hf_export import export_hf
+    from swtool.formats.hf_export import export_hf
 
     target = CACHE / "smollm2-135m-hf-fp16"
     if not (target / "config.json").exists():
@@ -153,8 +153,8 @@ class Bench:
 
     def figure7(self) -> list[tuple[str, dict]] | None:
         try:
-            from swtool.quant.importance import input_importance
-            from swtool.quant.rtn import Clip, QuantSpec, dequantize, quantize
+            from swtool.codecs.importance import input_importance
+            from swtool.codecs.rtn import Clip, QuantSpec, dequantize, quantize
         except ImportError:
             return None
         stream = LayerStream(self.checkpoint)
@@ -368,9 +368,9 @@ def write_report(args, bench: Bench, results: dict) -> None:
         lines += [
             "## Figure 7: 4-bit asymmetric RTN against block size",
             "",
-            "All linear layers quantized with `swtool.quant.rtn` (the quantize command's code), dequantized in memory. "
+            "All linear layers quantized with `swtool.codecs.rtn` (the quantize command's code), dequantized in memory. "
             "`--clip auto` picks one threshold per tensor minimising its reconstruction error with each input column weighted by "
-            "the mean square of its input on the scan prompt (`swtool.quant.importance`; no text corpus).",
+            "the mean square of its input on the scan prompt (`swtool.codecs.importance`; no text corpus).",
             "",
             "![Figure 7](figure7_rtn_blocks.png)",
             "",
@@ -378,7 +378,7 @@ def write_report(args, bench: Bench, results: dict) -> None:
             "",
         ]
     else:
-        lines += ["## Figure 7", "", "Not in this report: not computed in this run (`--sections figure7` adds it; it needs `swtool.quant.rtn`).", ""]
+        lines += ["## Figure 7", "", "Not in this report: not computed in this run (`--sections figure7` adds it; it needs `swtool.codecs.rtn`).", ""]
     lines += [
         "## Table 3: simulated W8A8",
         "",

@@ -61,11 +61,11 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     from swtool import load_state_dict
-    from swtool.checkpoint import open_checkpoint
-    from swtool.checkpoint.hf_export import export_hf
+    from swtool.formats import open_checkpoint
+    from swtool.formats.hf_export import export_hf
     from swtool.detect import scan
-    from swtool.quant.rtn import QuantSpec, parse_block, parse_clip
-    from swtool.quant.supers import from_scan
+    from swtool.codecs.rtn import QuantSpec, parse_block, parse_clip
+    from swtool.codecs.supers import from_scan
     from swtool.quantize import QuantizeJob, targets, write_safetensors
 
     args.work.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swtool.checkpoint.atomic import atomic_output
-from swtool.checkpoint.safetensors_out import PlannedTensor, ShardedWriter, parse_size
+from swtool.formats.atomic import atomic_output
+from swtool.formats.safetensors_out import PlannedTensor, ShardedWriter, parse_size
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fixtures"))

@@ -10,8 +10,8 @@ def load_state_dict(path, dtype=None):
 
     Quantized tensors come back dequantized with their super weights restored, in
     `dtype` (default: the source's dtype recorded at quantization). One tensor is
-    read per lookup; see swtool.checkpoint.state_dict.
+    read per lookup; see swtool.formats.state_dict.
     """
-    from swtool.checkpoint.state_dict import load_state_dict as load
+    from swtool.formats.state_dict import load_state_dict as load
 
     return load(path, dtype)

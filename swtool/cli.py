@@ -152,7 +152,7 @@ def scan(
     def run() -> int:
         ahead = readahead.start(models[0])  # the disk works while torch imports; stopped once the checkpoint is open
         from swtool import directory as sw_directory
-        from swtool.checkpoint import open_checkpoint
+        from swtool.formats import open_checkpoint
         from swtool.detect import scan as run_scan
         from swtool.report import progress_bar, render_expected, render_scan
 
@@ -253,11 +253,11 @@ def quantize(
 
     def run() -> int:
         ahead = readahead.start(model)
-        from swtool.checkpoint import open_checkpoint
-        from swtool.checkpoint.atomic import atomic_output, check_target
-        from swtool.checkpoint.safetensors_out import parse_size
-        from swtool.quant.rtn import QuantSpec, check_bits, parse_block, parse_clip
-        from swtool.quant.supers import from_scan, read_argument
+        from swtool.formats import open_checkpoint
+        from swtool.formats.atomic import atomic_output, check_target
+        from swtool.formats.safetensors_out import parse_size
+        from swtool.codecs.rtn import QuantSpec, check_bits, parse_block, parse_clip
+        from swtool.codecs.supers import from_scan, read_argument
         from swtool.provenance import provenance
         from swtool.quantize import WRITERS, QuantizeJob, model_inputs, refuse_quantized, targets
         from swtool.report import progress_bar, render_quantize
@@ -338,7 +338,7 @@ def eval_(
 
     def run() -> int:
         ahead = readahead.start(model)
-        from swtool.checkpoint import open_checkpoint
+        from swtool.formats import open_checkpoint
         from swtool.edit import EditPlan, find_super_weights
         from swtool.evaluate import Options, evaluate
         from swtool.report import progress_bar, render_eval
@@ -376,7 +376,7 @@ def eval_(
 
 def gguf_types(out_format: str, type_name: str | None, bits: int, super_type: str) -> str | None:
     """Check --type/--super-type before any work: the GGML type to write, None for safetensors output."""
-    from swtool.checkpoint.gguf_out import SUPER_TYPES, parse_type
+    from swtool.formats.gguf_out import SUPER_TYPES, parse_type
 
     if out_format != "gguf":
         if type_name is not None:
@@ -402,9 +402,9 @@ def dequantize(
 
     def run() -> int:
         ahead = readahead.start(quantized)
-        from swtool.checkpoint import open_checkpoint
-        from swtool.checkpoint.atomic import atomic_output, check_target
-        from swtool.checkpoint.safetensors_out import parse_size
+        from swtool.formats import open_checkpoint
+        from swtool.formats.atomic import atomic_output, check_target
+        from swtool.formats.safetensors_out import parse_size
         from swtool.provenance import provenance
         from swtool.quantize import dequantize_to, model_inputs, require_quantized
 
@@ -439,9 +439,9 @@ def edit(
 
     def run() -> int:
         ahead = readahead.start(model)
-        from swtool.checkpoint import open_checkpoint
-        from swtool.checkpoint.atomic import check_target
-        from swtool.checkpoint.safetensors_out import parse_size
+        from swtool.formats import open_checkpoint
+        from swtool.formats.atomic import check_target
+        from swtool.formats.safetensors_out import parse_size
         from swtool.edit import EditPlan, check_output, edit_checkpoint, find_super_weights
         from swtool.report import render_edit
 

@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from swtool.checkpoint.base import Checkpoint
-from swtool.forward import LayerStream
+from swtool.formats.base import Checkpoint
+from swtool.model.forward import LayerStream
 from swtool.workers import parallel_chunks
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from swtool.arch import Family, family_of
-from swtool.checkpoint import PICKLE_SUFFIXES
-from swtool.checkpoint.base import Checkpoint
+from swtool.formats import PICKLE_SUFFIXES
+from swtool.formats.base import Checkpoint
 from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
-from swtool.quant.ggml import QType
-from swtool.quant.supers import Held
+from swtool.codecs.ggml import QType
+from swtool.codecs.supers import Held
 
 
 def linear_roles(family: Family, config: ModelConfig) -> list[str]:
@@ -45,7 +45,7 @@ def linear_layers(checkpoint: Checkpoint) -> dict[str, int]:
 
 def find_super_weights(checkpoint: Checkpoint, super_file: str | None, stdin: TextIO, *, required: bool, **scan_options) -> list[Held]:
     """The super weights named by `--super FILE|-`, or found by a scan; none found is an error when `required`."""
-    from swtool.quant.supers import from_scan, read_argument
+    from swtool.codecs.supers import from_scan, read_argument
 
     if super_file is not None:
         held = read_argument(super_file, checkpoint, stdin)[0]
@@ -135,8 +135,8 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 def edit_safetensors(checkpoint: Checkpoint, directory: Path, plan: EditPlan, max_shard_bytes: int) -> None:
     """Stream an HF checkpoint into `directory` (existing, empty), one tensor at a time, edits applied."""
-    from swtool.checkpoint.safetensors_in import DTYPES
-    from swtool.checkpoint.safetensors_out import PlannedTensor, ShardedWriter
+    from swtool.formats.safetensors_in import DTYPES
+    from swtool.formats.safetensors_out import PlannedTensor, ShardedWriter
 
     names = checkpoint.names()
     plan_out = [PlannedTensor(n, checkpoint.stored_dtype(n), checkpoint.shape(n)) for n in names]
@@ -174,7 +174,7 @@ def stored_edits(checkpoint: Checkpoint, plan: EditPlan, name: str, is_linear: b
 
     Edits touch 2-D projections only, so Gemma's `1 +` on norm weights never applies here.
     """
-    from swtool.checkpoint.gguf_in import permute_qk, qk_heads
+    from swtool.formats.gguf_in import permute_qk, qk_heads
 
     weight = checkpoint.load(name, torch.float32)
     edited = edit_tensor(plan, name, weight, is_linear)
@@ -192,7 +192,7 @@ def _edited_gguf_tensor(
 ) -> np.ndarray:
     """The new bytes of one stored tensor (a gguf ReaderTensor holding the canonical `names`): its blocks
     holding an edit re-encoded, or all of it at `target`; the number of GGML blocks that changed is appended to `blocks`."""
-    from swtool.quant.ggml_edit import reencode, set_values
+    from swtool.codecs.ggml_edit import reencode, set_values
 
     raw = np.fromfile(checkpoint.path, dtype=np.uint8, count=int(tensor.n_bytes), offset=int(tensor.data_offset))
     edits = [stored_edits(checkpoint, plan, name, name in linear) for name in names]
@@ -212,11 +212,11 @@ def edit_gguf(checkpoint: Checkpoint, path: Path, plan: EditPlan) -> list[str]:
     Every key/value and every tensor the plan does not touch is copied byte for byte; in a touched
     tensor only the GGML blocks holding a changed weight are re-encoded, at the stored type, unless
     swtool has no encoder for that type (K-quants...): then the whole tensor is re-encoded at the
-    nearest type it has (see swtool.quant.ggml_edit). The input's `swtool.*` keys described how
+    nearest type it has (see swtool.codecs.ggml_edit). The input's `swtool.*` keys described how
     the input was made; they are replaced by this edit's provenance.
     """
-    from swtool.checkpoint.gguf_copy import Replacement, copy_gguf
-    from swtool.quant.ggml_edit import fallback_type
+    from swtool.formats.gguf_copy import Replacement, copy_gguf
+    from swtool.codecs.ggml_edit import fallback_type
 
     linear = linear_layers(checkpoint)
     members: dict[str, list[str]] = {}
@@ -246,7 +246,7 @@ def _plural(count: int, noun: str) -> str:
 
 def edit_checkpoint(checkpoint: Checkpoint, out: Path, plan: EditPlan, *, force: bool = False, max_shard_bytes: int = 5 * 10**9) -> list[str]:
     """Write the edited checkpoint at `out`, in the input's format, atomically; returns notes for the user."""
-    from swtool.checkpoint.atomic import atomic_output
+    from swtool.formats.atomic import atomic_output
 
     if not plan.active:
         raise SwtoolError("nothing to do: give --zero-super, --scale-super or --zero-outliers")

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from swtool.arch import family_of
-from swtool.checkpoint.base import Checkpoint
+from swtool.formats.base import Checkpoint
 from swtool.edit import EditPlan, edit_tensor, linear_layers, linear_roles
 from swtool.errors import SwtoolError
-from swtool.forward import HEAD_CHUNK_ROWS, InputHook, LayerStream, MlpHook
-from swtool.quant.supers import Held
+from swtool.model.forward import HEAD_CHUNK_ROWS, InputHook, LayerStream, MlpHook
+from swtool.codecs.supers import Held
 
 WeightsHook = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """(layer, loaded weights by role) -> the weights to run (edited, smoothed, fake-quantized...)."""

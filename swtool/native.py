@@ -1,8 +1,8 @@
-"""swtool's fused C kernels (kernels.c), compiled on first use where a C compiler exists.
+"""swtool's fused C kernels (kernels/*.c, one library), compiled on first use where a C compiler exists.
 
 Why: the torch codecs make one pass over memory per elementwise op; the C loops
 read each block once, and the scan's small products read 16-bit weights in place
-(see kernels.c). Compiling costs well under a second and is
+(see kernels/core.c). Compiling costs well under a second and is
 cached per user, keyed by the source, the compiler and its flags, so it is paid
 once per machine. Nothing here is required: without a compiler (or when
 compiling, loading or the self-check fails, or SWTOOL_NATIVE=0) `kernels()`
@@ -28,7 +28,13 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("kernels.c")
+KERNELS = Path(__file__).with_name("kernels")
+
+
+def sources() -> list[Path]:
+    """Every C source of the library, in a fixed order (one file per family of kernels)."""
+    return sorted(KERNELS.glob("*.c"))
+
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 """Source dtype codes the kernels take (torch dtype names without the prefix)."""
 
@@ -95,12 +101,12 @@ def _build() -> Path:
         raise OSError("no C compiler (cc, gcc or $CC) found")
     flags = _flags()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, platform.machine()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(path.read_text() for path in sources()), compiler, version, *flags, platform.machine()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{key}.so"
     if not target.is_file():
         temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            result = subprocess.run([compiler, *flags, "-o", str(temp), str(SOURCE)], capture_output=True, text=True, timeout=120)
+            result = subprocess.run([compiler, *flags, "-o", str(temp), *map(str, sources())], capture_output=True, text=True, timeout=120)
             if result.returncode != 0:
                 raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
             os.replace(temp, target)  # atomic: a concurrent process sees the old state or the whole library

@@ -23,7 +23,7 @@ def pyplot() -> Any:
 
 def save(figure: Any, path: Path, force: bool = True) -> None:
     """Write the figure as PNG through a temporary sibling, reproducibly (no timestamp metadata)."""
-    from swtool.checkpoint.atomic import atomic_output
+    from swtool.formats.atomic import atomic_output
 
     with atomic_output(Path(path), directory=False, force=force) as temp:
         with temp.open("wb") as fh:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from swtool import __version__
-from swtool.checkpoint import PICKLE_SUFFIXES
+from swtool.formats import PICKLE_SUFFIXES
 
 CHUNK = 1 << 20
 """Bytes hashed at a time: memory stays flat however large the input."""

@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 
 from swtool.arch import family_of
-from swtool.checkpoint.base import Checkpoint
-from swtool.checkpoint.quantized_in import QuantizedCheckpoint
-from swtool.checkpoint.hf_export import export_hf, exported_names, write_model_files, write_weights
-from swtool.checkpoint.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
+from swtool.formats.base import Checkpoint
+from swtool.formats.quantized_in import QuantizedCheckpoint
+from swtool.formats.hf_export import export_hf, exported_names, write_model_files, write_weights
+from swtool.formats.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
 from swtool.errors import SwtoolError
-from swtool.quant import layout
-from swtool.quant.importance import input_importance
-from swtool.quant.rtn import QuantSpec, quantize
-from swtool.quant.supers import Held
+from swtool.codecs import layout
+from swtool.codecs.importance import input_importance
+from swtool.codecs.rtn import QuantSpec, quantize
+from swtool.codecs.supers import Held
 from swtool.workers import parallel_chunks
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -59,7 +59,7 @@ class QuantizeJob:
     """swtool.* metadata fields recording how the output was made (see swtool.provenance)."""
     max_shard_bytes: int = 5 * 10**9
     gguf_type: str = "Q4_0"
-    """--format gguf: the GGML tensor type (see swtool.checkpoint.gguf_out for which tensors get it)."""
+    """--format gguf: the GGML tensor type (see swtool.formats.gguf_out for which tensors get it)."""
     super_type: str = "Q8_0"
     """--format gguf: the type of tensors holding a held super weight (they stay in the tensor)."""
 
@@ -123,7 +123,7 @@ def held_values(job: QuantizeJob) -> dict[str, list[tuple[int, int, float]]]:
 
 
 def write_safetensors(job: QuantizeJob, directory: Path, progress: Progress | None = None) -> QuantizeReport:
-    """The swtool-rtn directory: copied/produced model files plus safetensors shards (see swtool.quant.layout)."""
+    """The swtool-rtn directory: copied/produced model files plus safetensors shards (see swtool.codecs.layout)."""
     checkpoint, spec = job.checkpoint, job.spec
     names = exported_names(checkpoint)
     wanted = set(job.targets)
@@ -170,7 +170,7 @@ def copy_model_files(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype
 
 def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -> QuantizeReport:
     """A GGUF file llama.cpp runs; super weights stay in their tensors, which are written at job.super_type."""
-    from swtool.checkpoint import gguf_out
+    from swtool.formats import gguf_out
 
     checkpoint = job.checkpoint
     plan = gguf_out.plan_gguf(

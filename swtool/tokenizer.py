@@ -11,7 +11,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from swtool.checkpoint.base import Checkpoint
+from swtool.formats.base import Checkpoint
 from swtool.errors import SwtoolError
 
 CONTROL, USER_DEFINED = 3, 4

@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 import time
 
-import swtool.checkpoint.gguf_copy as gguf_copy
-from swtool.checkpoint.safetensors_out import ShardedWriter
+import swtool.formats.gguf_copy as gguf_copy
+from swtool.formats.safetensors_out import ShardedWriter
 from swtool.cli import main
 
 

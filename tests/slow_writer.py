@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from swtool.checkpoint.atomic import atomic_output
+from swtool.formats.atomic import atomic_output
 from swtool.cli import guarded
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

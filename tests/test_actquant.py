@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from swtool.actquant import InputMaxima, fake_quant, fake_quant_activations, quantize_weights, smooth
-from swtool.checkpoint import open_checkpoint
+from swtool.formats import open_checkpoint
 from swtool.errors import SwtoolError
 from swtool.evaluate import Options, calibrate, perplexity
-from swtool.forward import LayerStream
+from swtool.model.forward import LayerStream
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from swtool.checkpoint.atomic import atomic_output
+from swtool.formats.atomic import atomic_output
 from swtool.errors import SwtoolError
 
 WRITER = [sys.executable, str(Path(__file__).with_name("slow_writer.py"))]
@@ -70,7 +70,7 @@ def test_second_writer_to_the_same_output_refuses(tmp_path):
 
 def test_an_output_finished_while_waiting_for_the_lock_is_not_overwritten(tmp_path, monkeypatch):
     """Both runs saw no OUT; the first finished it before the second took the lock: the second must refuse."""
-    from swtool.checkpoint import atomic
+    from swtool.formats import atomic
 
     target = tmp_path / "OUT"
     real_lock = atomic._lock

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from swtool.checkpoint import open_checkpoint
+from swtool.formats import open_checkpoint
 from swtool.cli import app
 from swtool.detect import scan
 from test_families import CASES, IDS, TOKENS, check_against_transformers

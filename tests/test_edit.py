@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from swtool.checkpoint import open_checkpoint
+from swtool.formats import open_checkpoint
 from swtool.cli import app
 from swtool.edit import EditPlan, edit_tensor, linear_layers
-from swtool.quant.supers import Held
+from swtool.codecs.supers import Held
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 

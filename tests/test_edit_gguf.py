@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from clirun import assert_user_error, invoke, snapshot
-from swtool.checkpoint import open_checkpoint
-from swtool.checkpoint.gguf_copy import Replacement, copy_gguf
-from swtool.checkpoint.gguf_out import plan_gguf, save_gguf
+from swtool.formats import open_checkpoint
+from swtool.formats.gguf_copy import Replacement, copy_gguf
+from swtool.formats.gguf_out import plan_gguf, save_gguf
 from swtool.edit import EditPlan, edit_tensor, linear_layers
-from swtool.quant.ggml import QType
-from swtool.quant.ggml_edit import encode_through_zero, set_values
-from swtool.quant.supers import Held
+from swtool.codecs.ggml import QType
+from swtool.codecs.ggml_edit import encode_through_zero, set_values
+from swtool.codecs.supers import Held
 
 SUPER = (1, 5, 17)
 DOWN = f"model.layers.{SUPER[0]}.mlp.down_proj.weight"
@@ -301,7 +301,7 @@ def test_llama_cpp_runs_the_edited_file(smollm2_zeroed, wiki_text, tmp_path):
 def test_full_disk_mid_write_leaves_nothing(sources, tmp_path, monkeypatch):
     import errno
 
-    import swtool.checkpoint.gguf_copy as gguf_copy
+    import swtool.formats.gguf_copy as gguf_copy
 
     def full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -10,12 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 import swtool.evaluate as evaluate_mod
-from swtool.checkpoint import open_checkpoint
+from swtool.formats import open_checkpoint
 from swtool.cli import app
 from swtool.edit import EditPlan
 from swtool.errors import SwtoolError
 from swtool.evaluate import Options, cut_windows, evaluate, perplexity, restore_hook
-from swtool.quant.supers import Held
+from swtool.codecs.supers import Held
 
 SUPER = (1, 5, 7)
 

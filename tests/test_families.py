@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swtool.checkpoint import open_checkpoint
-from swtool.forward import LayerStream
+from swtool.formats import open_checkpoint
+from swtool.model.forward import LayerStream
 from tiny import build
 
 CASES = [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from swtool.quant.ggml import TYPES, NonFiniteError, can_encode, encode, encoded_nbytes
+from swtool.codecs.ggml import TYPES, NonFiniteError, can_encode, encode, encoded_nbytes
 
 ALL = sorted(TYPES)
 
@@ -75,7 +75,7 @@ def test_edge_cases_match_gguf_py(name):
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q5_1"])
 def test_threads_and_chunks_do_not_change_bytes(name, monkeypatch):
-    import swtool.quant.ggml as ggml
+    import swtool.codecs.ggml as ggml
 
     data = np.random.default_rng(1).standard_normal((64, 1024)).astype(np.float32)
     monkeypatch.setattr(ggml, "CHUNK_ELEMENTS", 1000)  # many uneven chunks

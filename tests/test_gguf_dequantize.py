@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swtool.checkpoint import open_checkpoint
-from swtool.checkpoint.gguf_out import plan_gguf, save_gguf
-from swtool.checkpoint.hf_export import export_hf
+from swtool.formats import open_checkpoint
+from swtool.formats.gguf_out import plan_gguf, save_gguf
+from swtool.formats.hf_export import export_hf
 
 
 def logits_both_ways(gguf_path, directory, ids):

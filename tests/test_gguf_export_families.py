@@ -10,9 +10,9 @@ import torch
 
 from clirun import invoke
 from gguf_tiny import convert
-from swtool.checkpoint import open_checkpoint
-from swtool.checkpoint.gguf_out import llama3_rope_factors
-from swtool.checkpoint.hf_export import llama3_scaling
+from swtool.formats import open_checkpoint
+from swtool.formats.gguf_out import llama3_rope_factors
+from swtool.formats.hf_export import llama3_scaling
 from swtool.config import ModelConfig
 from test_gguf_families import CASES, logits
 from tiny import build

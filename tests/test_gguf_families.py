@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gguf_tiny import convert
-from swtool.checkpoint import open_checkpoint
-from swtool.forward import LayerStream
+from swtool.formats import open_checkpoint
+from swtool.model.forward import LayerStream
 from swtool.tokenizer import encode
 from tiny import build
 
@@ -113,7 +113,7 @@ def test_llama_cpp_runs_the_converted_gguf_as_swtool_does(tmp_path, case):
 def test_a_planted_expert_super_weight_in_gguf_is_found_and_held_in_its_own_expert(tmp_path):
     """Scan of a GGUF Mixtral reports the merged tensor plus the expert; quantize's hold-out maps it back to that expert."""
     from swtool.detect import scan
-    from swtool.quant.supers import from_scan
+    from swtool.codecs.supers import from_scan
     from tiny import plant
 
     model = build("mixtral", tmp_path / "hf", seed=1)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from clirun import assert_user_error, invoke
-from swtool.checkpoint import open_checkpoint
+from swtool.formats import open_checkpoint
 from swtool.tokenizer import encode
 from test_gguf_families import CASES, chunk_perplexities, logits
 from tiny import build
@@ -156,7 +156,7 @@ def test_a_model_gguf_cannot_express_is_refused_in_one_line_and_leaves_no_file(t
 def test_an_architecture_llama_cpp_lacks_is_refused_in_one_line_and_leaves_no_file(tmp_path, monkeypatch):
     import dataclasses
 
-    import swtool.checkpoint.gguf_out as gguf_out
+    import swtool.formats.gguf_out as gguf_out
 
     build("olmo2", tmp_path / "hf")
     family = gguf_out.family_for("olmo2")
@@ -324,7 +324,7 @@ def llama_cpp_vocabularies() -> Path:
 
 
 def vocabulary_cases(models: Path, name: str) -> tuple[dict, list[tuple[str, list[int]]]]:
-    from swtool.checkpoint.gguf_in import read_metadata
+    from swtool.formats.gguf_in import read_metadata
 
     meta = read_metadata(gguf.GGUFReader(models / f"ggml-vocab-{name}.gguf"))
     inputs = (models / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
@@ -340,7 +340,7 @@ def test_real_sentencepiece_vocabularies_read_and_written_tokenize_as_transforme
     the vocabulary llama.cpp's algorithm reads gives them too."""
     from tokenizers import Tokenizer
 
-    from swtool.checkpoint.gguf_meta import tokenizer_metadata
+    from swtool.formats.gguf_meta import tokenizer_metadata
     from swtool.tokenizer import gguf_tokenizer_json
 
     meta, cases = vocabulary_cases(llama_cpp_vocabularies(), name)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType
 
-from swtool.checkpoint.gguf_in import Reader
-from swtool.checkpoint.gguf_out import Writer
+from swtool.formats.gguf_in import Reader
+from swtool.formats.gguf_out import Writer
 
 VT = GGUFValueType
 METADATA = [

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from swtool import native
-from swtool.checkpoint import open_checkpoint
+from swtool.formats import open_checkpoint
 from swtool.detect import scan
-from swtool.forward import PRODUCT_BAND_ROWS, SMALL_BATCH_ROWS, LayerStream, product
+from swtool.model.forward import PRODUCT_BAND_ROWS, SMALL_BATCH_ROWS, LayerStream, product
 from swtool.workers import parallel_chunks
 from tiny import build, plant
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swtool.checkpoint import open_checkpoint
+from swtool.formats import open_checkpoint
 from swtool.detect import DEFAULT_PROMPT
-from swtool.quant import importance
+from swtool.codecs import importance
 from swtool.tokenizer import encode
 
 

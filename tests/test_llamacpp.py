@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from swtool.checkpoint import open_checkpoint
-from swtool.checkpoint.gguf_out import plan_gguf, save_gguf
-from swtool.quant.supers import Held
+from swtool.formats import open_checkpoint
+from swtool.formats.gguf_out import plan_gguf, save_gguf
+from swtool.codecs.supers import Held
 
 BIN = os.environ.get("SWTOOL_LLAMA_CPP")
 pytestmark = [

@@ -1,4 +1,4 @@
-"""The C kernels (swtool/kernels.c) write the same bytes as the torch paths they replace.
+"""The C kernels (swtool/kernels/core.c) write the same bytes as the torch paths they replace.
 
 Every comparison runs both engines in this process: the kernels as loaded, and
 the torch fallback (native.kernels() patched to None, what a machine without a
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from swtool import native
-from swtool.quant import ggml, rtn
-from swtool.quant.ggml import TYPES, NonFiniteError, encode
-from swtool.quant.rtn import QuantSpec, quantize
+from swtool.codecs import ggml, rtn
+from swtool.codecs.ggml import TYPES, NonFiniteError, encode
+from swtool.codecs.rtn import QuantSpec, quantize
 from swtool.errors import SwtoolError
 
 from test_ggml_codecs import edge_cases, reference

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from swtool.checkpoint import open_checkpoint
+from swtool.formats import open_checkpoint
 from swtool.detect import scan
 from tiny import build, plant
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from swtool.errors import SwtoolError
-from swtool.quant import pack, rtn
+from swtool.codecs import pack, rtn
 
 
 def weight(rows: int = 96, cols: int = 77, seed: int = 0) -> torch.Tensor:

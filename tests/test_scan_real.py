@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from swtool.checkpoint import open_checkpoint
+from swtool.formats import open_checkpoint
 from swtool.detect import scan
 
 

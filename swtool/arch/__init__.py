@@ -1,7 +1,7 @@
 """Model families as data: what each one's layers hold and which switches the forward flips.
 
 A family is a small frozen description, not a subclass: the forward in
-`swtool.forward` reads these fields and nothing else differs between families.
+`swtool.model.forward` reads these fields and nothing else differs between families.
 Tensor names are canonical Hugging Face names; readers of other formats map
 their own names onto these.
 

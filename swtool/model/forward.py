@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from swtool import native, workers
 from swtool.arch import Family, family_of
-from swtool.checkpoint.base import Checkpoint
+from swtool.formats.base import Checkpoint
 from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from swtool.arch import family_of
-from swtool.checkpoint.base import Checkpoint
+from swtool.formats.base import Checkpoint
 from swtool.errors import SwtoolError
 
 LAYER_INDEX = re.compile(r"^(?:model\.layers|blk)\.(\d+)\.")

@@ -10,7 +10,7 @@
  * Exactness: every float operation is the one the reference performs, in the
  * same order, in float32 (compiled with -ffp-contract=off so no multiply-add is
  * fused). The GGML codecs equal gguf-py's gguf.quants.quantize byte for byte;
- * rtn_quantize equals swtool.quant.rtn's torch path. fp16 conversion is the
+ * rtn_quantize equals swtool.codecs.rtn's torch path. fp16 conversion is the
  * compiler's _Float16 cast: IEEE round to nearest even, as numpy and torch.
  *
  * Sources are float32 (0), float16 (1) or bfloat16 (2); all convert exactly to
@@ -360,7 +360,7 @@ int rtn_quantize(const void *src, int dtype, int64_t rows, int64_t width, int bi
     return 0;
 }
 
-/* ---- bit packing (swtool.quant.pack): `groups` groups of codes into bytes ---- */
+/* ---- bit packing (swtool.codecs.pack): `groups` groups of codes into bytes ---- */
 
 /* Code j of a group lands at bits [j * bits, (j + 1) * bits) of the group read as a little-endian
  * integer (4 bits: 2 codes -> 1 byte; 2 bits: 4 -> 1; 3 bits: 8 -> 3). Codes must be < 2^bits. */

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from swtool.errors import SwtoolError
 
-if TYPE_CHECKING:  # importing the readers pulls in torch; `swtool.checkpoint.atomic` users need none of it
-    from swtool.checkpoint.base import Checkpoint
+if TYPE_CHECKING:  # importing the readers pulls in torch; `swtool.formats.atomic` users need none of it
+    from swtool.formats.base import Checkpoint
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -25,7 +25,7 @@ def pickle_refusal(path: Path) -> SwtoolError:
 
 def open_checkpoint(path: str | Path, allow_nonfinite: bool = False) -> Checkpoint:
     """Open lazily; refuse damaged files, configs that disagree with the tensors and (as they load) NaN/Inf weights."""
-    from swtool.checkpoint.layout import check_layout
+    from swtool.formats.layout import check_layout
 
     checkpoint = _open(Path(path))
     checkpoint.allow_nonfinite = allow_nonfinite
@@ -37,9 +37,9 @@ def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise SwtoolError(f"{path}: no such file or directory")
     if path.is_dir():
-        from swtool.checkpoint.quantized_in import QuantizedCheckpoint, directory_metadata
-        from swtool.checkpoint.safetensors_in import SafetensorsCheckpoint
-        from swtool.quant.layout import is_quantized
+        from swtool.formats.quantized_in import QuantizedCheckpoint, directory_metadata
+        from swtool.formats.safetensors_in import SafetensorsCheckpoint
+        from swtool.codecs.layout import is_quantized
 
         metadata = directory_metadata(path)
         if is_quantized(metadata):
@@ -50,7 +50,7 @@ def _open(path: Path) -> Checkpoint:
     with path.open("rb") as fh:
         magic = fh.read(4)
     if magic == b"GGUF" or path.suffix == ".gguf":
-        from swtool.checkpoint.gguf_in import GGUFCheckpoint
+        from swtool.formats.gguf_in import GGUFCheckpoint
 
         return GGUFCheckpoint(path)
     if path.suffix == ".safetensors":

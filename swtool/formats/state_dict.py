@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from swtool.checkpoint import open_checkpoint
-from swtool.checkpoint.base import Checkpoint
-from swtool.checkpoint.hf_export import exported_names
+from swtool.formats import open_checkpoint
+from swtool.formats.base import Checkpoint
+from swtool.formats.hf_export import exported_names
 
 STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

@@ -29,7 +29,7 @@ import math
 import gguf
 import numpy as np
 
-from swtool.quant.ggml import TYPES, QType, block_size, encode
+from swtool.codecs.ggml import TYPES, QType, block_size, encode
 
 AFFINE = {QType.Q4_1: 15, QType.Q5_1: 31}
 """Affine block types -> their top level (levels - 1)."""

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from swtool.arch import family_of
-from swtool.checkpoint.base import Checkpoint
-from swtool.checkpoint.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
+from swtool.formats.base import Checkpoint
+from swtool.formats.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
 from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
 
@@ -114,7 +114,7 @@ def llama3_scaling(factors: torch.Tensor, config: ModelConfig) -> dict[str, Any]
     divisor lies between the two regimes, the thresholds are placed inside the gap. The result is
     checked by recomputing the divisors, and refused if they differ.
     """
-    from swtool.checkpoint.gguf_out import llama3_rope_factors
+    from swtool.formats.gguf_out import llama3_rope_factors
 
     r = factors.double()
     if float((r - 1).abs().max()) < 1e-6:

@@ -39,12 +39,12 @@ from gguf import GGUFValueType, LlamaFileType
 from gguf.gguf_writer import GGUFValue
 
 from swtool.arch import family_for
-from swtool.checkpoint.base import Checkpoint
-from swtool.checkpoint.gguf_in import ARCH_BY_NAME, EXPERT, permute_qk, qk_heads
-from swtool.checkpoint.gguf_meta import Metadata, model_metadata
+from swtool.formats.base import Checkpoint
+from swtool.formats.gguf_in import ARCH_BY_NAME, EXPERT, permute_qk, qk_heads
+from swtool.formats.gguf_meta import Metadata, model_metadata
 from swtool.errors import SwtoolError
-from swtool.quant.ggml import TYPES, NonFiniteError, QType, can_encode, encode, encoded_nbytes
-from swtool.quant.supers import Held
+from swtool.codecs.ggml import TYPES, NonFiniteError, QType, can_encode, encode, encoded_nbytes
+from swtool.codecs.supers import Held
 from swtool.workers import parallel_chunks
 from swtool.quantize import FLOAT_TYPES
 
@@ -333,7 +333,7 @@ def write_gguf(checkpoint: Checkpoint, plan: GGUFPlan, path: Path, progress: Pro
 
 def save_gguf(checkpoint: Checkpoint, plan: GGUFPlan, out: Path, *, force: bool = False, progress: Progress | None = None) -> None:
     """`write_gguf` through atomic_output: the file appears whole at `out` or not at all."""
-    from swtool.checkpoint.atomic import atomic_output
+    from swtool.formats.atomic import atomic_output
 
     with atomic_output(out, directory=False, inputs=[checkpoint.path, *checkpoint.files], force=force) as temp:
         write_gguf(checkpoint, plan, temp, progress)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from swtool.checkpoint.base import Checkpoint, Rows
-from swtool.checkpoint.safetensors_in import SafetensorsCheckpoint, read_header, shard_map
+from swtool.formats.base import Checkpoint, Rows
+from swtool.formats.safetensors_in import SafetensorsCheckpoint, read_header, shard_map
 from swtool.errors import SwtoolError
-from swtool.quant import layout
-from swtool.quant.rtn import QuantizedTensor, block_length, dequantize
+from swtool.codecs import layout
+from swtool.codecs.rtn import QuantizedTensor, block_length, dequantize
 
 
 def directory_metadata(directory: Path) -> dict[str, str]:

@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGUFEndian, GGUFValueType
 
 from swtool.errors import SwtoolError
-from swtool.quant.ggml import QType, encoded_nbytes
+from swtool.codecs.ggml import QType, encoded_nbytes
 
 COPY_BLOCK = 16 << 20
 """Bytes copied at a time from the input's data section."""

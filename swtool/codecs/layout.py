@@ -1,7 +1,7 @@
 """The on-disk layout of a swtool-quantized safetensors checkpoint, shared by its writer and reader.
 
 Each quantized tensor NAME is stored as four tensors:
-  NAME.qcodes  U8   [packed bytes]   codes packed as in swtool.quant.pack
+  NAME.qcodes  U8   [packed bytes]   codes packed as in swtool.codecs.pack
   NAME.qscale  F16  [blocks]         one scale per block
   NAME.qzero   F16  [blocks]         one zero point per block
   NAME.qshape  I64  [ndim]           the original shape, e.g. [576, 1536]
@@ -11,7 +11,7 @@ as itself. The safetensors `__metadata__` carries (all values are strings; the
 `swtool.*` ones hold JSON):
   swtool.format          "swtool-rtn"
   swtool.format_version  "1"
-  swtool.quant           {"bits", "block" (int | "channel" | "tensor"), "sym", "clip", "dtype"}
+  swtool.codecs           {"bits", "block" (int | "channel" | "tensor"), "sym", "clip", "dtype"}
   swtool.super           [{"tensor", "row", "col", "value"}]   the side table, values exact fp16
   swtool.source          the MODEL path as given on the command line, resolved
   swtool.version, swtool.command, swtool.options, swtool.inputs   see swtool.provenance
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from swtool.checkpoint.safetensors_out import PlannedTensor
+from swtool.formats.safetensors_out import PlannedTensor
 from swtool.errors import SwtoolError
-from swtool.quant.pack import packed_size
-from swtool.quant.rtn import QuantizedTensor, block_length, check_bits, parse_block
+from swtool.codecs.pack import packed_size
+from swtool.codecs.rtn import QuantizedTensor, block_length, check_bits, parse_block
 
 FORMAT = "swtool-rtn"
 VERSION = 1
@@ -77,7 +77,7 @@ def metadata(bits: int, block: int | str, sym: bool, clip: str, dtype: torch.dty
     meta = {
         "swtool.format": FORMAT,
         "swtool.format_version": str(VERSION),
-        "swtool.quant": json.dumps({"bits": bits, "block": block, "sym": sym, "clip": clip, "dtype": str(dtype).removeprefix("torch.")}),
+        "swtool.codecs": json.dumps({"bits": bits, "block": block, "sym": sym, "clip": clip, "dtype": str(dtype).removeprefix("torch.")}),
         "swtool.super": json.dumps(table),
     }
     meta.update(provenance)  # swtool.version, .command, .options, .inputs (swtool.provenance), and swtool.source
@@ -94,7 +94,7 @@ def parse_header(meta: dict[str, str], where: str) -> Header:
     if meta.get("swtool.format_version") != str(VERSION):
         raise SwtoolError(f"{where}: swtool format version {meta.get('swtool.format_version')!r}; this swtool reads version {VERSION}")
     try:
-        quant = json.loads(meta["swtool.quant"])
+        quant = json.loads(meta["swtool.codecs"])
         table = json.loads(meta.get("swtool.super", "[]"))
         bits = check_bits(int(quant["bits"]))
         block = parse_block(str(quant["block"]))

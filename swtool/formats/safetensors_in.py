@@ -24,8 +24,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from swtool.checkpoint import PICKLE_SUFFIXES, pickle_refusal
-from swtool.checkpoint.base import Checkpoint, Rows
+from swtool.formats import PICKLE_SUFFIXES, pickle_refusal
+from swtool.formats.base import Checkpoint, Rows
 from swtool.config import from_hf
 from swtool.errors import SwtoolError
 

@@ -6,7 +6,7 @@ truncate), so a file swtool writes is the file gguf-py (and therefore
 llama.cpp's own converter) would write. The difference is speed: gguf-py
 works on groups of 16 rows with many numpy temporaries on one core; here
 chunks of blocks go to worker threads, each encoded in one pass by a C kernel
-(swtool/kernels.c, compiled on first use, see swtool.native) or,
+(swtool/kernels/core.c, compiled on first use, see swtool.native) or,
 where no compiler is available, by the torch expressions below (one torch
 expression per step over every block of the chunk; same bytes, a few times
 slower).
@@ -41,7 +41,7 @@ chunk's temporaries stay in a core's cache across the codec's dozen passes, larg
 enough that torch's per-operation overhead is noise."""
 NATIVE_CHUNK_ELEMENTS = 1 << 21
 """Values per call of a C kernel, which reads each block once: larger, since each hand-off to a
-worker thread costs a scheduler wake-up (see swtool.quant.rtn.NATIVE_CHUNK)."""
+worker thread costs a scheduler wake-up (see swtool.codecs.rtn.NATIVE_CHUNK)."""
 
 
 SHIFTS = torch.arange(32, dtype=torch.int32)
@@ -131,7 +131,7 @@ def _affine_levels(blocks: torch.Tensor, levels: int) -> tuple[torch.Tensor, tor
 
 
 def _put_codes(q: torch.Tensor, out: torch.Tensor, start: int, levels: int) -> None:
-    """The levels after a block's header: Q5's word of bit 4 first, then the nibbles (kernels.c's put_codes)."""
+    """The levels after a block's header: Q5's word of bit 4 first, then the nibbles (kernels/core.c's put_codes)."""
     if levels == 32:
         out[:, start : start + 4] = _high_bits(q)
         start += 4
@@ -228,7 +228,7 @@ NATIVE: dict[QType, str] = {
     QType.BF16: "ggml_bf16",
     QType.F16: "ggml_f16",
 }
-"""The C kernel (swtool/kernels.c) of each codec; Q4_1/Q5_1 also flag blocks for CODECS to redo."""
+"""The C kernel (swtool/kernels/core.c) of each codec; Q4_1/Q5_1 also flag blocks for CODECS to redo."""
 
 
 def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = None) -> np.ndarray:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from swtool.arch import Family, family_for
-from swtool.checkpoint.base import Checkpoint, Rows
-from swtool.checkpoint.gguf_check import check_gguf
+from swtool.formats.base import Checkpoint, Rows
+from swtool.formats.gguf_check import check_gguf
 from swtool.config import ModelConfig, from_gguf
 from swtool.errors import SwtoolError
 

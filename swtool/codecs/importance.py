@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from swtool.checkpoint.base import Checkpoint
-from swtool.forward import LayerStream
+from swtool.formats.base import Checkpoint
+from swtool.model.forward import LayerStream
 
 DAMPING = 0.01
 """Floor added to every column's mean square, as a fraction of the tensor's mean (GPTQ damps its Hessian the same way)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from swtool.arch import family_of
-from swtool.checkpoint.base import Checkpoint
+from swtool.formats.base import Checkpoint
 from swtool.detect import ScanResult
 from swtool.errors import SwtoolError
 

@@ -56,7 +56,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     out = torch.empty(words.numel(), nbytes, dtype=torch.uint8)
     mask = (1 << bits) - 1
     lib = native.kernels()
-    if lib is not None:  # the same bytes in one pass (swtool/kernels.c), fast enough not to need threads
+    if lib is not None:  # the same bytes in one pass (swtool/kernels/core.c), fast enough not to need threads
         lib.pack_codes(words.data_ptr(), words.numel(), bits, out.data_ptr())
         return out.view(-1)
 

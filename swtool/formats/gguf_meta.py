@@ -28,7 +28,7 @@ import gguf
 from gguf import GGUFValueType, TokenType
 from gguf.gguf_writer import GGUFValue
 
-from swtool.checkpoint.base import Checkpoint
+from swtool.formats.base import Checkpoint
 from swtool.config import ModelConfig, gguf_query_scale
 from swtool.errors import SwtoolError
 from swtool.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
@@ -130,7 +130,7 @@ def longrope_attention_factor(config: ModelConfig) -> float:
 def check_representable(config: ModelConfig, arch: str) -> None:
     """Refuse what llama.cpp's GGUF cannot express, so no file silently computes another model."""
     kind = (config.rope_scaling or {}).get("rope_type")
-    # llama3 scaling travels as the rope_freqs tensor, Phi-3's LongRoPE as rope_factors_long/short (swtool.checkpoint.gguf_out)
+    # llama3 scaling travels as the rope_freqs tensor, Phi-3's LongRoPE as rope_factors_long/short (swtool.formats.gguf_out)
     if kind not in (None, "linear", "yarn", "llama3") and not (kind == "longrope" and arch == "phi3"):
         raise SwtoolError(f"rope scaling {kind!r}: GGUF output supports linear, yarn and llama3 scaling (and LongRoPE for phi3)")
     if arch in ("gemma", "gemma2") and not config.tie_embeddings:

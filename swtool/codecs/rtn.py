@@ -33,7 +33,7 @@ import torch
 
 from swtool.errors import SwtoolError
 from swtool import native
-from swtool.quant.pack import WIDTHS, pack, unpack
+from swtool.codecs.pack import WIDTHS, pack, unpack
 from swtool.workers import run_chunks
 
 CHUNK = 1 << 20
@@ -126,7 +126,7 @@ class QuantizedTensor:
     """One tensor in quantized form: everything needed to rebuild it, nothing else."""
 
     codes: torch.Tensor
-    """Packed codes (uint8), see swtool.quant.pack."""
+    """Packed codes (uint8), see swtool.codecs.pack."""
     scale: torch.Tensor
     """fp16, one per block."""
     zero: torch.Tensor
@@ -185,7 +185,7 @@ def _quantize_flat(flat: torch.Tensor, n: int, bits: int, sym: bool) -> tuple[to
     """Unpacked codes (uint8, flat), scales and zeros (fp16, per block) of a flat float tensor.
 
     Each chunk goes through the C kernel where it compiled (one read of the source
-    per pass, no fp32 temporaries; swtool/kernels.c), else through torch.
+    per pass, no fp32 temporaries; swtool/kernels/core.c), else through torch.
     Both write the same bytes. Blocks whose min or max is a zero of either sign,
     and chunks the kernel refuses (NaN, infinity, fp16 overflow), take the torch
     path: it decides the stored sign of that zero and raises the right error.
@@ -288,7 +288,7 @@ def auto_threshold(flat: torch.Tensor, n: int, bits: int, sym: bool, importance:
     """The clipping threshold on |w| that minimises the tensor's RTN error, or None if none helps.
 
     Data-free: the error is sum_ij (RTN(clip(W)) - W)_ij^2 * importance[j], `importance`
-    holding one weight per input column (swtool.quant.importance: the mean square of
+    holding one weight per input column (swtool.codecs.importance: the mean square of
     that column's input on the scan prompt, so the sum approximates the output error
     ||(W' - W) x||^2); without it every element counts alike. Candidates are
     max|w| * 2**(-k/2) (k = 1..AUTO_STEPS, stopping after AUTO_PATIENCE misses in a
@@ -346,7 +346,7 @@ def auto_threshold(flat: torch.Tensor, n: int, bits: int, sym: bool, importance:
 def quantize(weight: torch.Tensor, spec: QuantSpec, held: Sequence[tuple[int, int]] = (), importance: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize one weight (any float dtype, at least 1-D); `held` lists (row, col) to keep exactly.
 
-    `importance` (one weight per input column, see swtool.quant.importance) weights
+    `importance` (one weight per input column, see swtool.codecs.importance) weights
     the error that `--clip auto` minimises; other rules ignore it."""
     shape = tuple(weight.shape)
     n = spec.block_length(shape)
