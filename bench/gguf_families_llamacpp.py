@@ -22,11 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from clirun import invoke  # noqa: E402
-from swtool.formats import open_checkpoint  # noqa: E402
-from swtool.tokenizer import encode  # noqa: E402
 from test_gguf_families import chunk_perplexities  # noqa: E402
 from test_gguf_families_out import FAMILIES, OPTIONS, TEXT, add_byte_merge  # noqa: E402
 from tiny import build  # noqa: E402
+
+from swtool.formats.open import open_checkpoint  # noqa: E402
+from swtool.model.tokenizer import encode  # noqa: E402
 
 TYPES = ("F32", "Q8_0", "Q4_0")
 

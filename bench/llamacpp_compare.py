@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
 
 from fetch import smollm2_gguf, wiki_text  # noqa: E402
 
-from swtool.formats import open_checkpoint  # noqa: E402
-from swtool.formats.gguf_out import plan_gguf, save_gguf
-from swtool.codecs.supers import Held  # noqa: E402
+from swtool.formats.gguf.writer import plan_gguf, save_gguf
+from swtool.formats.open import open_checkpoint  # noqa: E402
+from swtool.supers import Held  # noqa: E402
 
 
 def swtool_write(source: Path, out: Path, type_name: str, **options) -> tuple[float, float]:

@@ -36,12 +36,13 @@ sys.path.insert(0, str(ROOT / "fixtures"))
 
 from fetch import CACHE, smollm2_gguf, wiki_text  # noqa: E402
 
-from swtool.formats import open_checkpoint  # noqa: E402
-from swtool.edit import EditPlan, linear_layers, linear_roles  # noqa: E402
+from swtool.ablation import EditPlan  # noqa: E402
 from swtool.evaluate import Options, cut_windows, perplexity, weights_hook  # noqa: E402
+from swtool.families import linear_layers, linear_roles  # noqa: E402
+from swtool.formats.open import open_checkpoint  # noqa: E402
 from swtool.model.forward import LayerStream  # noqa: E402
-from swtool.codecs.supers import Held, from_scan  # noqa: E402
-from swtool.tokenizer import load_tokenizer  # noqa: E402
+from swtool.model.tokenizer import load_tokenizer  # noqa: E402
+from swtool.supers import Held, from_scan  # noqa: E402
 
 PROMPTS = [
     "Summer is warm. Winter is",
@@ -63,7 +64,7 @@ BLOCKS = [64, 4096, 65536, "tensor"]
 
 def model_dir() -> Path:
     """SmolLM2 as an fp16 HF directory, exported once from the GGUF into the cache."""
-    from swtool.formats.hf_export import export_hf
+    from swtool.formats.hf.export import export_hf
 
     target = CACHE / "smollm2-135m-hf-fp16"
     if not (target / "config.json").exists():
@@ -87,7 +88,7 @@ class Bench:
 
         self.scan = scan(self.checkpoint)
         self.supers = from_scan(self.scan, self.checkpoint)
-        self.layer = linear_layers(self.checkpoint)[self.supers[0].tensor]
+        self.layer = linear_layers(self.checkpoint.config)[self.supers[0].tensor]
         """The (first) super weight's layer."""
         self.evals = 0
         self.started = time.time()
@@ -153,8 +154,8 @@ class Bench:
 
     def figure7(self) -> list[tuple[str, dict]] | None:
         try:
-            from swtool.codecs.importance import input_importance
             from swtool.codecs.rtn import Clip, QuantSpec, dequantize, quantize
+            from swtool.importance import input_importance
         except ImportError:
             return None
         stream = LayerStream(self.checkpoint)
@@ -314,7 +315,7 @@ def write_report(args, bench: Bench, results: dict) -> None:
         return naive, smooth, kept, (naive - kept) / (naive - smooth) if smooth < naive else float("nan")
 
     best_scale = min(fig6, key=lambda r: r[1])
-    linear = linear_layers(bench.checkpoint)
+    linear = linear_layers(bench.checkpoint.config)
     linear_tensors = len(linear)
     linear_weights = sum(math.prod(bench.checkpoint.shape(n)) for n in linear)
     tokens = args.windows * args.ctx
@@ -370,7 +371,7 @@ def write_report(args, bench: Bench, results: dict) -> None:
             "",
             "All linear layers quantized with `swtool.codecs.rtn` (the quantize command's code), dequantized in memory. "
             "`--clip auto` picks one threshold per tensor minimising its reconstruction error with each input column weighted by "
-            "the mean square of its input on the scan prompt (`swtool.codecs.importance`; no text corpus).",
+            "the mean square of its input on the scan prompt (`swtool.importance`; no text corpus).",
             "",
             "![Figure 7](figure7_rtn_blocks.png)",
             "",

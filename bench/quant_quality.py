@@ -61,12 +61,12 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     from swtool import load_state_dict
-    from swtool.formats import open_checkpoint
-    from swtool.formats.hf_export import export_hf
-    from swtool.detect import scan
     from swtool.codecs.rtn import QuantSpec, parse_block, parse_clip
-    from swtool.codecs.supers import from_scan
+    from swtool.detect import scan
+    from swtool.formats.hf.export import export_hf
+    from swtool.formats.open import open_checkpoint
     from swtool.quantize import QuantizeJob, targets, write_safetensors
+    from swtool.supers import from_scan
 
     args.work.mkdir(parents=True, exist_ok=True)
     source = args.work / "smollm2-fp16"

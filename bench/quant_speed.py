@@ -59,7 +59,7 @@ def make_random_llama(directory: Path, seed: int = 0) -> None:
     """A bf16 llama checkpoint of TinyLlama's shape with random weights, streamed to disk one tensor at a time."""
     import torch
 
-    from swtool.formats.safetensors_out import PlannedTensor, ShardedWriter
+    from swtool.formats.hf.writer import PlannedTensor, ShardedWriter
 
     c = TINYLLAMA
     head_dim = c["hidden"] // c["heads"]
@@ -102,7 +102,7 @@ def child(kind: str, source: Path, setting: str) -> None:
     import numpy as np
     import torch
 
-    from swtool.formats import open_checkpoint
+    from swtool.formats.open import open_checkpoint
     from swtool.quantize import native_dtype, targets
 
     checkpoint = open_checkpoint(source)
@@ -122,7 +122,6 @@ def child(kind: str, source: Path, setting: str) -> None:
             del array
     else:
         from swtool.codecs.rtn import QuantSpec, parse_block, quantize
-
         from swtool.workers import parallel_chunks
 
         bits, block = setting.split("/")
@@ -148,7 +147,7 @@ def largest_tensor_fp32_mb(source: Path) -> float:
 
 
 def print_largest(source: Path) -> None:
-    from swtool.formats import open_checkpoint
+    from swtool.formats.open import open_checkpoint
 
     checkpoint = open_checkpoint(source)
     print(max(math.prod(checkpoint.shape(n)) for n in checkpoint.names()) * 4 / 1e6)
@@ -158,8 +157,8 @@ def export_smollm2(directory: Path) -> None:
     import torch
     from fetch import smollm2_gguf
 
-    from swtool.formats import open_checkpoint
-    from swtool.formats.hf_export import export_hf
+    from swtool.formats.hf.export import export_hf
+    from swtool.formats.open import open_checkpoint
 
     directory.mkdir(parents=True)
     export_hf(open_checkpoint(smollm2_gguf()), directory, torch.float16)

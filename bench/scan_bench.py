@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from swtool.formats.atomic import atomic_output
-from swtool.formats.safetensors_out import PlannedTensor, ShardedWriter, parse_size
+from swtool.formats.hf.writer import PlannedTensor, ShardedWriter, parse_size
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fixtures"))

@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
@@ -123,14 +124,6 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def check_device(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SwtoolError("--device cuda: no CUDA device is available (the CPU is the default)")
-
-
 @app.command()
 def scan(
     models: Annotated[list[Path], typer.Argument(help="HF model directories or GGUF files; several give JSON Lines with --json.")],
@@ -152,9 +145,8 @@ def scan(
     def run() -> int:
         ahead = readahead.start(models[0])  # the disk works while torch imports; stopped once the checkpoint is open
         from swtool import directory as sw_directory
-        from swtool.formats import open_checkpoint
-        from swtool.detect import scan as run_scan
         from swtool.report import progress_bar, render_expected, render_scan
+        from swtool.scan import check_device, scan_model
 
         compute = torch_dtype(dtype)
         if plot is not None:
@@ -167,32 +159,18 @@ def scan(
         known = sw_directory.load(directory_files or [])
         if expect is not None:
             known.require(expect)  # fail before a long scan, not after
+        bars = partial(progress_bar, enabled=not (quiet or as_json))
         failures = 0
         for model in models:
             try:
-                checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
-                ahead.stop()  # from here the loaders read, faster on their own
-                with progress_bar(f"scan {model.name}", enabled=not (quiet or as_json)) as progress:
-                    result = run_scan(
-                        checkpoint,
-                        prompt=prompt,
-                        min_ratio=min_ratio,
-                        min_effect=min_effect,
-                        relative_effect=relative_effect,
-                        dtype=compute,
-                        device=device,
-                        progress=progress,
-                    )
+                options = dict(prompt=prompt, min_ratio=min_ratio, min_effect=min_effect, relative_effect=relative_effect, dtype=compute, device=device)
+                result, doc = scan_model(model, known, expect, bars, allow_nonfinite=allow_nonfinite, ahead=ahead, **options)
             except SwtoolError as exc:
                 if len(models) == 1:
                     raise
                 failures += 1
                 print(f"swtool: error: {exc}", file=sys.stderr)
                 continue
-            doc = result.to_json()
-            comparison = sw_directory.expected(known, doc["super_weights"], [checkpoint.config.name, model.name, model.stem], expect)
-            if comparison is not None:
-                doc["expected"] = comparison
             if plot is not None:
                 from swtool.plot import plot_scan
 
@@ -201,8 +179,8 @@ def scan(
                 print(json.dumps(doc), flush=True)
             elif not quiet:
                 render_scan(result)
-                if comparison is not None:
-                    render_expected(comparison)
+                if "expected" in doc:
+                    render_expected(doc["expected"])
         return 2 if failures else 0
 
     guarded(run)
@@ -241,7 +219,7 @@ def quantize(
     include_head: Annotated[bool, typer.Option("--include-head", help="Quantize the LM head too.", rich_help_panel="Quantization")] = False,
     keep_super: Annotated[bool, typer.Option("--keep-super/--no-keep-super", help="Hold super weights out of quantization and keep them exactly (fp16); with --format gguf they stay in their tensors, written at --super-type.", rich_help_panel="Super weights")] = True,
     super_file: Annotated[Optional[str], typer.Option("--super", help="`swtool scan --json` output naming the super weights (FILE, or - for stdin); without it quantize runs the scan.", rich_help_panel="Super weights")] = None,
-    out_format: Annotated[str, typer.Option("--format", help="Output format: safetensors or gguf.", rich_help_panel="Output")] = "safetensors",
+    out_format: Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors or gguf (default: gguf when OUT ends in .gguf, else safetensors).", rich_help_panel="Output")] = None,
     gguf_type: Annotated[Optional[str], typer.Option("--type", help="--format gguf: GGML type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 (default: Q8_0 for --bits 8, Q4_0 for --bits 4). --block/--sym/--clip apply to safetensors only.", rich_help_panel="GGUF")] = None,
     super_type: Annotated[str, typer.Option("--super-type", help="--format gguf: type of the tensors holding super weights (they stay in the tensor): Q8_0 or F16.", rich_help_panel="GGUF")] = "Q8_0",
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.", rich_help_panel="Output")] = "5GB",
@@ -253,57 +231,14 @@ def quantize(
 
     def run() -> int:
         ahead = readahead.start(model)
-        from swtool.formats import open_checkpoint
-        from swtool.formats.atomic import atomic_output, check_target
-        from swtool.formats.safetensors_out import parse_size
-        from swtool.codecs.rtn import QuantSpec, check_bits, parse_block, parse_clip
-        from swtool.codecs.supers import from_scan, read_argument
-        from swtool.provenance import provenance
-        from swtool.quantize import WRITERS, QuantizeJob, model_inputs, refuse_quantized, targets
+        from swtool.quantize import QuantizeRequest, quantize_model
         from swtool.report import progress_bar, render_quantize
 
-        spec = QuantSpec(check_bits(bits), parse_block(block), sym, parse_clip(clip))
-        max_bytes = parse_size(max_shard_size)
-        if out_format not in WRITERS:
-            raise SwtoolError(f"--format {out_format!r}: expected one of {', '.join(WRITERS)}")
-        if super_file is not None and not keep_super:
-            raise SwtoolError("--super and --no-keep-super contradict each other")
-        writer, is_directory = WRITERS[out_format]
-        ggml_type = gguf_types(out_format, gguf_type, bits, super_type)
-        checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
-        ahead.stop()
-        refuse_quantized(checkpoint)
-        check_target(output, [model], force)
-        digests = {}
-        held = []
-        if super_file is not None:
-            held, label, digest = read_argument(super_file, checkpoint, sys.stdin)
-            digests[label] = digest
-        elif keep_super:
-            from swtool.detect import scan as run_scan
-
-            with progress_bar(f"scan {model.name}", enabled=not quiet) as progress:
-                held = from_scan(run_scan(checkpoint, progress=progress), checkpoint)
-        options = {
-            "bits": bits, "block": spec.block, "sym": sym, "clip": str(spec.clip), "keep_super": keep_super,
-            "super": "scan" if super_file is None and keep_super else super_file, "include_embeddings": include_embeddings,
-            "include_head": include_head, "format": out_format, "max_shard_size": max_shard_size, "allow_nonfinite": allow_nonfinite,
-        }
-        if out_format == "gguf":
-            options.update({"type": ggml_type, "super_type": super_type.upper()})
-        job = QuantizeJob(
-            checkpoint,
-            spec,
-            targets(checkpoint, include_embeddings, include_head),
-            held,
-            {"swtool.source": str(model.resolve()), **provenance("quantize", options, model_inputs(checkpoint), digests)},
-            max_bytes,
-            gguf_type=ggml_type or "Q4_0",
-            super_type=super_type,
-        )
-        with atomic_output(output, directory=is_directory, inputs=[model], force=force) as temp:
-            with progress_bar(f"quantize {model.name}", enabled=not quiet) as progress:
-                report = writer(job, temp, progress)
+        request = QuantizeRequest(
+            model, output, bits, block, sym, clip, include_embeddings, include_head, keep_super, super_file,
+            out_format, gguf_type, super_type, max_shard_size, force, allow_nonfinite,
+        )  # fmt: skip
+        report = quantize_model(request, partial(progress_bar, enabled=not quiet), ahead)
         if not quiet:
             render_quantize(report, output)
         return 0
@@ -338,23 +273,15 @@ def eval_(
 
     def run() -> int:
         ahead = readahead.start(model)
-        from swtool.formats import open_checkpoint
-        from swtool.edit import EditPlan, find_super_weights
-        from swtool.evaluate import Options, evaluate
+        from swtool.ablation import EditPlan
+        from swtool.evaluate import Options, evaluate_model
         from swtool.report import progress_bar, render_eval
+        from swtool.scan import check_device
 
         compute = torch_dtype(dtype)
         check_device(device)
-        if batch < 1:
-            raise SwtoolError("--batch must be at least 1")
-        checkpoint = open_checkpoint(model)
-        ahead.stop()
-        edit = EditPlan(zero_super=zero_super, scale_super=scale_super, zero_outliers=zero_outliers)
-        if edit.active or restore_super_act or super_file is not None:
-            supers = find_super_weights(checkpoint, super_file, sys.stdin, required=edit.factor is not None or restore_super_act, dtype=compute, device=device)
-            edit = EditPlan(tuple(supers), zero_super, scale_super, zero_outliers)
         options = Options(
-            edit=edit,
+            edit=EditPlan(zero_super=zero_super, scale_super=scale_super, zero_outliers=zero_outliers),
             restore_super_act=restore_super_act,
             w_bits=w_bits,
             a_bits=a_bits,
@@ -364,7 +291,9 @@ def eval_(
             calibration_windows=calibration_windows,
         )
         with progress_bar(f"eval {model.name}", enabled=not (quiet or as_json)) as progress:
-            result = evaluate(checkpoint, text, options, ctx=ctx, max_windows=max_windows, batch=batch, dtype=compute, device=device, progress=progress)
+            result = evaluate_model(
+                model, text, options, super_file, ahead=ahead, ctx=ctx, max_windows=max_windows, batch=batch, dtype=compute, device=device, progress=progress
+            )
         if as_json:
             print(json.dumps(result.to_json()), flush=True)
         elif not quiet:
@@ -372,22 +301,6 @@ def eval_(
         return 0
 
     guarded(run)
-
-
-def gguf_types(out_format: str, type_name: str | None, bits: int, super_type: str) -> str | None:
-    """Check --type/--super-type before any work: the GGML type to write, None for safetensors output."""
-    from swtool.formats.gguf_out import SUPER_TYPES, parse_type
-
-    if out_format != "gguf":
-        if type_name is not None:
-            raise SwtoolError("--type applies to --format gguf only (safetensors output takes --bits)")
-        return None
-    if type_name is None:
-        type_name = {8: "Q8_0", 4: "Q4_0"}.get(bits)
-        if type_name is None:
-            raise SwtoolError(f"--format gguf: --bits {bits} has no GGML type; give --type (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16...)")
-    parse_type(super_type, "--super-type", SUPER_TYPES)
-    return parse_type(type_name).name
 
 
 @app.command(rich_help_panel="Quantize")
@@ -402,22 +315,9 @@ def dequantize(
 
     def run() -> int:
         ahead = readahead.start(quantized)
-        from swtool.formats import open_checkpoint
-        from swtool.formats.atomic import atomic_output, check_target
-        from swtool.formats.safetensors_out import parse_size
-        from swtool.provenance import provenance
-        from swtool.quantize import dequantize_to, model_inputs, require_quantized
+        from swtool.dequantize import dequantize_model
 
-        target_dtype = torch_dtype(dtype) if dtype is not None else None
-        max_bytes = parse_size(max_shard_size)
-        checkpoint = open_checkpoint(quantized)
-        ahead.stop()
-        if checkpoint.format != "gguf":
-            require_quantized(checkpoint)
-        check_target(output, [quantized], force)
-        record = provenance("dequantize", {"dtype": dtype, "max_shard_size": max_shard_size}, model_inputs(checkpoint))
-        with atomic_output(output, directory=True, inputs=[quantized], force=force) as temp:
-            dequantize_to(checkpoint, temp, target_dtype, max_bytes, record)
+        dequantize_model(quantized, output, torch_dtype(dtype) if dtype is not None else None, dtype, max_shard_size, force, ahead)
         return 0
 
     guarded(run)
@@ -439,23 +339,12 @@ def edit(
 
     def run() -> int:
         ahead = readahead.start(model)
-        from swtool.formats import open_checkpoint
-        from swtool.formats.atomic import check_target
-        from swtool.formats.safetensors_out import parse_size
-        from swtool.edit import EditPlan, check_output, edit_checkpoint, find_super_weights
+        from swtool.ablation import EditPlan
+        from swtool.edit import edit_model
         from swtool.report import render_edit
 
-        shard_bytes = parse_size(max_shard_size)
-        checkpoint = open_checkpoint(model)
-        ahead.stop()
         plan = EditPlan(zero_super=zero_super, scale_super=scale_super, zero_outliers=zero_outliers)
-        if not plan.active:
-            raise SwtoolError("nothing to do: give --zero-super, --scale-super or --zero-outliers")
-        check_output(checkpoint, output)  # refuse a bad OUT before the scan, not after it
-        check_target(output, [model], force)
-        supers = find_super_weights(checkpoint, super_file, sys.stdin, required=plan.factor is not None)
-        plan = EditPlan(tuple(supers), zero_super, scale_super, zero_outliers)
-        notes = edit_checkpoint(checkpoint, output, plan, force=force, max_shard_bytes=shard_bytes)
+        checkpoint, plan, notes = edit_model(model, output, plan, super_file, force=force, max_shard_size=max_shard_size, ahead=ahead)
         if not quiet:
             render_edit(checkpoint, output, plan, notes)
         return 0

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from swtool.formats.base import Checkpoint
+from swtool.formats.base import Checkpoint, Held
 from swtool.model.forward import LayerStream
 from swtool.workers import parallel_chunks
 
@@ -172,7 +172,7 @@ class Detector:
         device: str = "cpu",
         progress: Callable[[int, int], None] | None = None,
     ):
-        from swtool.tokenizer import encode
+        from swtool.model.tokenizer import encode
 
         self.checkpoint = checkpoint
         self.stream = LayerStream(checkpoint, dtype=dtype, device=device)
@@ -330,7 +330,7 @@ class Detector:
             tensor=self.checkpoint.stored_name(down),
             row=row,
             col=col,
-            value=float(self.checkpoint.load(down, rows=[row])[0, col]),
+            value=self.checkpoint.value(Held(down, row, col)),
             activation=activation,
             input=x_value,
             token=token,

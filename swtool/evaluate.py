@@ -12,22 +12,37 @@ vocab) logits never exist.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
 
-from swtool.arch import family_of
-from swtool.formats.base import Checkpoint
-from swtool.edit import EditPlan, edit_tensor, linear_layers, linear_roles
+from swtool.ablation import EditPlan, edit_tensor
+from swtool.actquant import (
+    SMOOTHED,
+    ActivationQuantizer,
+    InputMaxima,
+    check_granularity,
+    quant_levels,
+    quantize_weights,
+    smooth,
+)
 from swtool.errors import SwtoolError
+from swtool.families import family_of, linear_layers, linear_roles
+from swtool.formats.base import Checkpoint, Held
+from swtool.formats.open import open_checkpoint
 from swtool.model.forward import HEAD_CHUNK_ROWS, InputHook, LayerStream, MlpHook
-from swtool.codecs.supers import Held
+from swtool.model.tokenizer import load_tokenizer
+from swtool.readahead import ReadAhead
+from swtool.supers import find_super_weights
 
 WeightsHook = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """(layer, loaded weights by role) -> the weights to run (edited, smoothed, fake-quantized...)."""
@@ -54,7 +69,6 @@ class Options:
     calibration_windows: int = 8
 
     def __post_init__(self) -> None:
-        from swtool.actquant import check_granularity, quant_levels
 
         if self.restore_super_act and not self.edit.zero_super:
             raise SwtoolError("--restore-super-act restores what --zero-super removed; give both")
@@ -152,8 +166,7 @@ def stream_windows(
 
 def token_nll(stream: LayerStream, windows: torch.Tensor, hidden: torch.Tensor, batch: int) -> torch.Tensor:
     """Next-token loss (windows, ctx-1) from the last layer's hidden states, head streamed in vocabulary chunks."""
-    config = stream.config
-    names = stream.family.global_tensors(config)
+    names = stream.family.global_tensors(stream.config)
     norm = stream.checkpoint.load(names["final_norm"], stream.dtype).to(stream.device) if "final_norm" in names else None
     for part in batches(len(windows), batch):
         hidden[part] = stream.norm(hidden[part].to(stream.device, stream.dtype), norm).float().cpu()
@@ -162,15 +175,11 @@ def token_nll(stream: LayerStream, windows: torch.Tensor, hidden: torch.Tensor, 
     running_max = torch.full((count, ctx - 1), -math.inf, device=stream.device)
     running_sum = torch.zeros((count, ctx - 1), device=stream.device)
     target_logit = torch.zeros((count, ctx - 1), device=stream.device)
-    rows = min(HEAD_CHUNK_ROWS, config.vocab_size)
-    per_batch = max(1, LOGIT_BUDGET // (rows * (ctx - 1)))
-    for start in range(0, config.vocab_size, rows):
-        stop = min(start + rows, config.vocab_size)
-        head = stream.checkpoint.load(names["head"], stream.dtype, rows=slice(start, stop)).to(stream.device)
+    per_batch = max(1, LOGIT_BUDGET // (min(HEAD_CHUNK_ROWS, stream.config.vocab_size) * (ctx - 1)))
+    for rows, head in stream.head_chunks(stream.dtype):
+        start, stop = rows.start, rows.stop
         for part in batches(count, per_batch):
-            logits = torch.nn.functional.linear(hidden[part, :-1].to(stream.device, stream.dtype), head).float()
-            if config.final_softcap:
-                logits = config.final_softcap * torch.tanh(logits / config.final_softcap)
+            logits = stream.softcap(torch.nn.functional.linear(hidden[part, :-1].to(stream.device, stream.dtype), head).float())
             peak = torch.maximum(running_max[part], logits.amax(dim=-1))
             running_sum[part] = running_sum[part] * torch.exp(running_max[part] - peak) + torch.exp(logits - peak[..., None]).sum(dim=-1)
             running_max[part] = peak
@@ -209,7 +218,6 @@ def restore_hook(plan: EditPlan, originals: dict[Held, float], layers: dict[str,
 
 def weights_hook(stream: LayerStream, options: Options, maxima: dict[tuple[int, str], torch.Tensor] | None) -> WeightsHook | None:
     """Edits, then SmoothQuant folding, then weight fake-quantization: in that order, per layer."""
-    from swtool.actquant import quantize_weights, smooth
 
     config = stream.config
     roles = linear_roles(stream.family, config)
@@ -239,7 +247,6 @@ def chain(first: WeightsHook, second: WeightsHook) -> WeightsHook:
 
 def check_smoothable(checkpoint: Checkpoint) -> None:
     """SmoothQuant's factors fold into RMSNorm weights ahead of separate q/k/v and gate/up projections."""
-    from swtool.actquant import SMOOTHED
 
     family = family_of(checkpoint.config)
     roles = family.layer_tensors(checkpoint.config, 0)
@@ -250,7 +257,6 @@ def check_smoothable(checkpoint: Checkpoint) -> None:
 
 def calibrate(checkpoint: Checkpoint, windows: torch.Tensor, batch: int, dtype: torch.dtype, device: str, memory_limit: int) -> dict[tuple[int, str], torch.Tensor]:
     """Per-channel max |input| of each smoothed linear layer, from the full-precision model on `windows`."""
-    from swtool.actquant import InputMaxima
 
     recorder = InputMaxima()
     stream = LayerStream(checkpoint, dtype=dtype, device=device, input_hook=recorder)
@@ -277,7 +283,6 @@ def perplexity(
     `transform`, if given, is applied to each layer's weights after the options
     (a library caller's own weight quantizer, for instance).
     """
-    from swtool.actquant import ActivationQuantizer
 
     options = options or Options()
     maxima = None
@@ -290,8 +295,8 @@ def perplexity(
     if options.restore_super_act:
         if checkpoint.config.num_experts:
             raise SwtoolError("--restore-super-act supports dense MLPs, not routed experts")
-        layers = linear_layers(checkpoint)
-        originals = {s: float(checkpoint.load(s.tensor, rows=[s.row])[0, s.col]) for s in options.edit.supers}
+        layers = linear_layers(checkpoint.config)
+        originals = {s: checkpoint.value(s) for s in options.edit.supers}
         mlp_hook = restore_hook(options.edit, originals, layers)
     hook = weights_hook(stream, options, maxima)
     if transform is not None:
@@ -314,8 +319,6 @@ def evaluate(
     **run,
 ) -> EvalResult:
     """Perplexity of `checkpoint` on a UTF-8 text file; SmoothQuant calibrates on windows after the evaluated ones."""
-    from swtool.tokenizer import load_tokenizer
-
     options = options or Options()
     try:
         text = text_path.read_text(encoding="utf-8")
@@ -332,3 +335,27 @@ def evaluate(
     nll = perplexity(checkpoint, every[:used], options, calibration=calibration, **run)
     settings = {**options.describe(), "calibration_overlaps_eval": options.smoothquant is not None and not len(rest)}
     return EvalResult(str(checkpoint.path), str(text_path), len(ids), used, ctx, nll, settings)
+
+
+def evaluate_model(
+    model: Path,
+    text_path: Path,
+    options: Options,
+    super_file: str | None,
+    *,
+    ahead: ReadAhead | None = None,
+    stdin: TextIO | None = None,
+    **run,
+) -> EvalResult:
+    """`swtool eval`: open the model, find the super weights an ablation needs, measure perplexity."""
+    if run.get("batch", 1) < 1:
+        raise SwtoolError("--batch must be at least 1")
+    checkpoint = open_checkpoint(model)
+    if ahead is not None:
+        ahead.stop()
+    edit = options.edit
+    if edit.active or options.restore_super_act or super_file is not None:
+        required = edit.factor is not None or options.restore_super_act
+        supers = find_super_weights(checkpoint, super_file, stdin or sys.stdin, required=required, dtype=run.get("dtype", torch.float32), device=run.get("device", "cpu"))
+        options = dataclasses.replace(options, edit=EditPlan(tuple(supers), edit.zero_super, edit.scale_super, edit.zero_outliers))
+    return evaluate(checkpoint, text_path, options, **run)

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from swtool import __version__
-from swtool.formats import PICKLE_SUFFIXES
+from swtool.formats.base import Checkpoint
+from swtool.formats.hf.export import MODEL_FILES
+from swtool.formats.pickles import PICKLE_SUFFIXES
 
 CHUNK = 1 << 20
 """Bytes hashed at a time: memory stays flat however large the input."""
@@ -80,3 +82,14 @@ def provenance(command: str, options: Mapping[str, Any], inputs: Iterable[str | 
         "swtool.options": json.dumps(_plain(options), sort_keys=True, separators=(",", ":")),
         "swtool.inputs": json.dumps(hashes, sort_keys=True, separators=(",", ":")),
     }
+
+
+def model_inputs(checkpoint: Checkpoint) -> list[Path]:
+    """Every file of the model a command reads: weights, config and tokenizer files."""
+    files = list(checkpoint.files)
+    if checkpoint.path.is_dir():
+        files += [checkpoint.path / f for f in MODEL_FILES if (checkpoint.path / f).is_file()]
+        index = checkpoint.path / "model.safetensors.index.json"
+        if index.is_file():
+            files.append(index)
+    return sorted(set(files))

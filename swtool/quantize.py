@@ -1,51 +1,42 @@
-"""`swtool quantize` and `swtool dequantize` as library calls: plan from headers, then stream one tensor at a time.
+"""`swtool quantize` as a library call: plan from headers, then stream one tensor at a time.
 
 Quantize: choose the tensors (the 2-D projections of each layer, per the
-family description; embeddings and head only when asked), plan every output
-tensor's name, dtype and shape before reading any weight, then load, quantize
-and write one tensor at a time. The output format is a writer picked by name
-(`WRITERS`), so GGUF output plugs in beside safetensors.
+family description; embeddings and head only when asked), find or read the
+super weights to hold out, then hand the job to the output format's writer
+(`WRITERS`): swtool-rtn safetensors or GGUF.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
-from swtool.arch import family_of
-from swtool.formats.base import Checkpoint
-from swtool.formats.quantized_in import QuantizedCheckpoint
-from swtool.formats.hf_export import export_hf, exported_names, write_model_files, write_weights
-from swtool.formats.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
+from swtool.codecs.rtn import QuantSpec, check_bits, parse_block, parse_clip
+from swtool.detect import scan
 from swtool.errors import SwtoolError
-from swtool.codecs import layout
-from swtool.codecs.importance import input_importance
-from swtool.codecs.rtn import QuantSpec, quantize
-from swtool.codecs.supers import Held
-from swtool.workers import parallel_chunks
-
-FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-"""Files copied from an HF source (and from a quantized directory when dequantizing)."""
+from swtool.formats.atomic import atomic_output, check_target
+from swtool.formats.base import Checkpoint, Held
+from swtool.formats.gguf import writer as gguf_out
+from swtool.formats.hf.export import exported_names
+from swtool.formats.hf.writer import parse_size
+from swtool.formats.open import open_checkpoint
+from swtool.formats.rtn import layout
+from swtool.formats.rtn.reader import QuantizedCheckpoint
+from swtool.formats.rtn.writer import write_rtn
+from swtool.importance import input_importance
+from swtool.provenance import model_inputs, provenance
+from swtool.readahead import ReadAhead
+from swtool.supers import from_scan, read_argument
 
 Progress = Callable[[int, int], None]
+Bars = Callable[[str], AbstractContextManager[Progress]]
+"""Makes a progress callback for a named step (a bar on a terminal, nothing elsewhere)."""
 
 
 @dataclass
@@ -59,7 +50,7 @@ class QuantizeJob:
     """swtool.* metadata fields recording how the output was made (see swtool.provenance)."""
     max_shard_bytes: int = 5 * 10**9
     gguf_type: str = "Q4_0"
-    """--format gguf: the GGML tensor type (see swtool.formats.gguf_out for which tensors get it)."""
+    """--format gguf: the GGML tensor type (see swtool.formats.gguf.writer for which tensors get it)."""
     super_type: str = "Q8_0"
     """--format gguf: the type of tensors holding a held super weight (they stay in the tensor)."""
 
@@ -81,7 +72,7 @@ class QuantizeReport:
 def targets(checkpoint: Checkpoint, include_embeddings: bool = False, include_head: bool = False) -> list[str]:
     """The tensors to quantize: every layer's 2-D projection weights (not norms, not an MoE router), plus embeddings/head when asked."""
     config = checkpoint.config
-    family = family_of(config)
+    family = checkpoint.family
     chosen: set[str] = set()
     for layer in range(config.num_layers):
         for role, name in family.layer_tensors(config, layer).items():
@@ -95,83 +86,28 @@ def targets(checkpoint: Checkpoint, include_embeddings: bool = False, include_he
     return [n for n in exported_names(checkpoint) if n in chosen]
 
 
-def native_dtype(checkpoint: Checkpoint, name: str) -> torch.dtype:
-    """The dtype a tensor is stored in, where that is a float dtype torch has; fp16 for GGUF block types."""
-    return FLOAT_TYPES.get(checkpoint.stored_dtype(name), torch.float16)
-
-
-def model_inputs(checkpoint: Checkpoint) -> list[Path]:
-    """Every file of the model that quantize reads: weights, config and tokenizer files."""
-    files = list(checkpoint.files)
-    if checkpoint.path.is_dir():
-        files += [checkpoint.path / f for f in MODEL_FILES if (checkpoint.path / f).is_file()]
-        index = checkpoint.path / "model.safetensors.index.json"
-        if index.is_file():
-            files.append(index)
-    return sorted(set(files))
-
-
 def held_values(job: QuantizeJob) -> dict[str, list[tuple[int, int, float]]]:
     """Tensor -> (row, col, fp16 value) for the held weights of quantized tensors, read before any writing."""
     out: dict[str, list[tuple[int, int, float]]] = {}
     wanted = set(job.targets)
     for h in job.held:
         if h.tensor in wanted:
-            value = float(job.checkpoint.load(h.tensor, torch.float32, rows=[h.row])[0, h.col].half())
-            out.setdefault(h.tensor, []).append((h.row, h.col, value))
+            out.setdefault(h.tensor, []).append((h.row, h.col, job.checkpoint.value(h, torch.float16)))
     return out
 
 
 def write_safetensors(job: QuantizeJob, directory: Path, progress: Progress | None = None) -> QuantizeReport:
-    """The swtool-rtn directory: copied/produced model files plus safetensors shards (see swtool.codecs.layout)."""
-    checkpoint, spec = job.checkpoint, job.spec
-    names = exported_names(checkpoint)
-    wanted = set(job.targets)
+    """The swtool-rtn directory (see swtool.formats.rtn.layout)."""
+    checkpoint = job.checkpoint
     held = held_values(job)
-    dtype = native_dtype(checkpoint, job.targets[0]) if job.targets else torch.float16
-    plan: list[PlannedTensor] = []
-    for name in names:
-        if name in wanted:
-            plan += layout.planned(name, checkpoint.shape(name), spec.bits, spec.block)
-        else:
-            plan.append(PlannedTensor(name, TORCH_TO_ST[native_dtype(checkpoint, name)], checkpoint.shape(name)))
-    metadata = layout.metadata(spec.bits, spec.block, spec.sym, str(spec.clip), dtype, held, job.provenance)
-    writer = ShardedWriter(directory, plan, metadata, job.max_shard_bytes)
-    report = QuantizeReport(len(wanted), len(names) - len(wanted), [(t, r, c, v) for t, rows in held.items() for r, c, v in rows])
-    importance = input_importance(checkpoint) if spec.clip.kind == "auto" else {}
-    with parallel_chunks():
-        for index, name in enumerate(names):
-            weight = checkpoint.load(name, native_dtype(checkpoint, name))
-            if name in wanted:
-                q = quantize(weight, spec, [(r, c) for r, c, _ in held.get(name, [])], importance.get(name))
-                del weight
-                if q.threshold is not None:
-                    report.thresholds[name] = q.threshold
-                for stored_name, tensor in layout.stored(name, q):
-                    writer.write(stored_name, tensor)
-            else:
-                writer.write(name, weight)
-            if progress:
-                progress(index + 1, len(names))
-    writer.close()
-    copy_model_files(checkpoint, directory, dtype)
-    return report
-
-
-def copy_model_files(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype) -> None:
-    """config.json and tokenizer files: copied from an HF directory, produced from GGUF metadata otherwise."""
-    if checkpoint.path.is_dir():
-        for name in MODEL_FILES:
-            if (checkpoint.path / name).is_file():
-                shutil.copyfile(checkpoint.path / name, directory / name)
-    else:
-        write_model_files(checkpoint, directory, dtype)
+    importance = input_importance(checkpoint) if job.spec.clip.kind == "auto" else {}
+    thresholds = write_rtn(checkpoint, directory, job.spec, job.targets, held, job.provenance, job.max_shard_bytes, importance, progress)
+    kept = len(exported_names(checkpoint)) - len(job.targets)
+    return QuantizeReport(len(job.targets), kept, [(t, r, c, v) for t, rows in held.items() for r, c, v in rows], thresholds)
 
 
 def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -> QuantizeReport:
     """A GGUF file llama.cpp runs; super weights stay in their tensors, which are written at job.super_type."""
-    from swtool.formats import gguf_out
-
     checkpoint = job.checkpoint
     plan = gguf_out.plan_gguf(
         checkpoint, job.gguf_type, super_weights=job.held, keep_super=bool(job.held), super_type=job.super_type, provenance=job.provenance
@@ -179,10 +115,7 @@ def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -
     gguf_out.write_gguf(checkpoint, plan, path, progress)
     types = {source: t.qtype.name for t in plan.tensors for source in (t.stacked or (t.source,))}
     quantized = sum(1 for t in plan.tensors if t.qtype in gguf_out.BLOCK_TYPES)
-    held = [
-        (checkpoint.stored_name(h.tensor), h.row, h.col, float(checkpoint.load(h.tensor, torch.float32, rows=[h.row])[0, h.col].half()))
-        for h in job.held
-    ]
+    held = [(checkpoint.stored_name(h.tensor), h.row, h.col, checkpoint.value(h, torch.float16)) for h in job.held]
     how = f"kept in its tensor, written as {types[job.held[0].tensor]}" if job.held else ""
     return QuantizeReport(quantized, len(plan.tensors) - quantized, held, held_how=how, notes=plan.notes)
 
@@ -193,11 +126,34 @@ WRITERS: dict[str, tuple[Callable[[QuantizeJob, Path, Progress | None], Quantize
 }
 """--format -> (writer, whether the output is a directory)."""
 
+SUFFIXES = {".gguf": "gguf"}
+"""Output names that say their format: `-o out.gguf` is GGUF without --format."""
 
-def require_quantized(checkpoint: Checkpoint) -> QuantizedCheckpoint:
-    if not isinstance(checkpoint, QuantizedCheckpoint):
-        raise SwtoolError(f"{checkpoint.path}: neither a GGUF file nor a swtool-quantized checkpoint (no swtool.format in its safetensors metadata)")
-    return checkpoint
+
+def output_format(requested: str | None, output: Path) -> str:
+    """The output format: --format when given (refused when the output's name says another), else the name's, else safetensors."""
+    implied = SUFFIXES.get(output.suffix.lower())
+    if requested is None:
+        return implied or "safetensors"
+    if requested not in WRITERS:
+        raise SwtoolError(f"--format {requested!r}: expected one of {', '.join(WRITERS)}")
+    if implied is not None and implied != requested:
+        raise SwtoolError(f"-o {output}: the name says {implied} but --format is {requested}; rename the output or drop --format")
+    return requested
+
+
+def gguf_types(out_format: str, type_name: str | None, bits: int, super_type: str) -> str | None:
+    """Check --type/--super-type before any work: the GGML type to write, None for safetensors output."""
+    if out_format != "gguf":
+        if type_name is not None:
+            raise SwtoolError("--type applies to --format gguf only (safetensors output takes --bits)")
+        return None
+    if type_name is None:
+        type_name = {8: "Q8_0", 4: "Q4_0"}.get(bits)
+        if type_name is None:
+            raise SwtoolError(f"--format gguf: --bits {bits} has no GGML type; give --type (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16...)")
+    gguf_out.parse_type(super_type, "--super-type", gguf_out.SUPER_TYPES)
+    return gguf_out.parse_type(type_name).name
 
 
 def refuse_quantized(checkpoint: Checkpoint) -> None:
@@ -205,24 +161,68 @@ def refuse_quantized(checkpoint: Checkpoint) -> None:
         raise SwtoolError(f"{checkpoint.path}: already quantized by swtool ({layout.FORMAT}); quantize its source, or dequantize it first")
 
 
-def dequantize_to(
-    checkpoint: Checkpoint, directory: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, provenance: dict[str, str] | None = None
-) -> torch.dtype:
-    """Write a swtool-quantized checkpoint or a GGUF file as a standard HF directory; returns the dtype written.
+@dataclass(frozen=True)
+class QuantizeRequest:
+    """Everything `swtool quantize` was asked, as the command line gives it."""
 
-    A GGUF is dequantized tensor by tensor (Q/K un-permuted by the reader), fp16 unless asked otherwise.
-    """
-    if checkpoint.format == "gguf":
-        dtype = dtype or torch.float16
-        export_hf(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": "gguf", **(provenance or {})})
-        return dtype
-    checkpoint = require_quantized(checkpoint)
-    dtype = dtype or checkpoint.header.dtype
-    with parallel_chunks():
-        write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT, **(provenance or {})})
-    copy_model_files(checkpoint, directory, dtype)
-    config_path = directory / "config.json"
-    config = json.loads(config_path.read_text())
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-    return dtype
+    model: Path
+    output: Path
+    bits: int = 4
+    block: str = "512"
+    sym: bool = False
+    clip: str = "none"
+    include_embeddings: bool = False
+    include_head: bool = False
+    keep_super: bool = True
+    super_file: str | None = None
+    out_format: str | None = None
+    gguf_type: str | None = None
+    super_type: str = "Q8_0"
+    max_shard_size: str = "5GB"
+    force: bool = False
+    allow_nonfinite: bool = False
+
+
+def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None = None, stdin: TextIO | None = None) -> QuantizeReport:
+    """Check every option, open the model, find or read its super weights, and write the output atomically."""
+    r = request
+    spec = QuantSpec(check_bits(r.bits), parse_block(r.block), r.sym, parse_clip(r.clip))
+    max_bytes = parse_size(r.max_shard_size)
+    out_format = output_format(r.out_format, r.output)
+    if r.super_file is not None and not r.keep_super:
+        raise SwtoolError("--super and --no-keep-super contradict each other")
+    writer, is_directory = WRITERS[out_format]
+    ggml_type = gguf_types(out_format, r.gguf_type, r.bits, r.super_type)
+    checkpoint = open_checkpoint(r.model, allow_nonfinite=r.allow_nonfinite)
+    if ahead is not None:
+        ahead.stop()
+    refuse_quantized(checkpoint)
+    check_target(r.output, [r.model], r.force)
+    digests: dict[str, str] = {}
+    held: list[Held] = []
+    if r.super_file is not None:
+        held, label, digest = read_argument(r.super_file, checkpoint, stdin or sys.stdin)
+        digests[label] = digest
+    elif r.keep_super:
+        with bars(f"scan {r.model.name}") as progress:
+            held = from_scan(scan(checkpoint, progress=progress), checkpoint)
+    options = {
+        "bits": r.bits, "block": spec.block, "sym": r.sym, "clip": str(spec.clip), "keep_super": r.keep_super,
+        "super": "scan" if r.super_file is None and r.keep_super else r.super_file, "include_embeddings": r.include_embeddings,
+        "include_head": r.include_head, "format": out_format, "max_shard_size": r.max_shard_size, "allow_nonfinite": r.allow_nonfinite,
+    }  # fmt: skip
+    if out_format == "gguf":
+        options.update({"type": ggml_type, "super_type": r.super_type.upper()})
+    job = QuantizeJob(
+        checkpoint,
+        spec,
+        targets(checkpoint, r.include_embeddings, r.include_head),
+        held,
+        {"swtool.source": str(r.model.resolve()), **provenance("quantize", options, model_inputs(checkpoint), digests)},
+        max_bytes,
+        gguf_type=ggml_type or "Q4_0",
+        super_type=r.super_type,
+    )
+    with atomic_output(r.output, directory=is_directory, inputs=[r.model], force=r.force) as temp:
+        with bars(f"quantize {r.model.name}") as progress:
+            return writer(job, temp, progress)

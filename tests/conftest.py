@@ -38,8 +38,8 @@ def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2 as an HF directory in fp16, made by swtool's own export from the GGUF."""
     import torch
 
-    from swtool.formats import open_checkpoint
-    from swtool.formats.hf_export import export_hf
+    from swtool.formats.hf.export import export_hf
+    from swtool.formats.open import open_checkpoint
 
     out = tmp_path_factory.mktemp("smollm2-hf")
     export_hf(open_checkpoint(smollm2_gguf), out, torch.float16)

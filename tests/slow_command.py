@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 import time
 
-import swtool.formats.gguf_copy as gguf_copy
-from swtool.formats.safetensors_out import ShardedWriter
+import swtool.formats.gguf.rewrite as gguf_copy
 from swtool.cli import main
+from swtool.formats.hf.writer import ShardedWriter
 
 
 def wait_for_the_test() -> None:

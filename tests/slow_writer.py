@@ -14,8 +14,8 @@ from pathlib import Path
 
 import typer
 
-from swtool.formats.atomic import atomic_output
 from swtool.cli import guarded
+from swtool.formats.atomic import atomic_output
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

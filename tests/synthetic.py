@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
 from tiny import write_tokenizer
 
 CONFIG = dict(

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swtool.actquant import InputMaxima, fake_quant, fake_quant_activations, quantize_weights, smooth
-from swtool.formats import open_checkpoint
+from swtool.actquant import (
+    InputMaxima,
+    fake_quant,
+    fake_quant_activations,
+    quantize_weights,
+    smooth,
+)
 from swtool.errors import SwtoolError
 from swtool.evaluate import Options, calibrate, perplexity
+from swtool.formats.open import open_checkpoint
 from swtool.model.forward import LayerStream
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from swtool.formats.atomic import atomic_output
 from swtool.errors import SwtoolError
+from swtool.formats.atomic import atomic_output
 
 WRITER = [sys.executable, str(Path(__file__).with_name("slow_writer.py"))]
 

@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from clirun import SWTOOL, assert_user_error, invoke
 from synthetic import CONFIG, llama_dir, llama_tensors, plant
 

@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from swtool.formats import open_checkpoint
-from swtool.cli import app
-from swtool.detect import scan
 from test_families import CASES, IDS, TOKENS, check_against_transformers
 from tiny import build, plant
+from typer.testing import CliRunner
+
+from swtool.cli import app
+from swtool.detect import scan
+from swtool.formats.open import open_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: these run on a GPU machine")
 

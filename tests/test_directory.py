@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import build, plant
 from typer.testing import CliRunner
 
 from swtool import directory
 from swtool.cli import app
 from swtool.errors import SwtoolError
-from tiny import build, plant
 
 # The list, transcribed independently of swtool/data/directory.json: (model, layer, row, col, source).
 PUBLISHED = [

@@ -11,10 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from swtool.formats import open_checkpoint
+from swtool.ablation import EditPlan, edit_tensor
 from swtool.cli import app
-from swtool.edit import EditPlan, edit_tensor, linear_layers
-from swtool.codecs.supers import Held
+from swtool.families import linear_layers
+from swtool.formats.base import Held
+from swtool.formats.open import open_checkpoint
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
@@ -81,7 +82,7 @@ def test_zero_outliers_skips_the_super_weights(source, tmp_path):
     result = run("edit", directory, "-o", out, "--zero-outliers", "3", "--super", scan_json)
     assert result.exit_code == 0, result.output
     before, after = load_file(directory / "model.safetensors"), load_file(out / "model.safetensors")
-    linear = linear_layers(open_checkpoint(directory))
+    linear = linear_layers(open_checkpoint(directory).config)
     assert len(linear) == 4 * 7
     for name in before:
         changed = (after[name] != before[name]).nonzero().tolist()

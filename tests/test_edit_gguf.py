@@ -9,15 +9,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from clirun import assert_user_error, invoke, snapshot
-from swtool.formats import open_checkpoint
-from swtool.formats.gguf_copy import Replacement, copy_gguf
-from swtool.formats.gguf_out import plan_gguf, save_gguf
-from swtool.edit import EditPlan, edit_tensor, linear_layers
+
+from swtool.ablation import EditPlan, edit_tensor
 from swtool.codecs.ggml import QType
 from swtool.codecs.ggml_edit import encode_through_zero, set_values
-from swtool.codecs.supers import Held
+from swtool.families import linear_layers
+from swtool.formats.base import Held
+from swtool.formats.gguf.rewrite import Replacement, copy_gguf
+from swtool.formats.gguf.writer import plan_gguf, save_gguf
+from swtool.formats.open import open_checkpoint
 
 SUPER = (1, 5, 17)
 DOWN = f"model.layers.{SUPER[0]}.mlp.down_proj.weight"
@@ -127,7 +128,7 @@ def test_zero_outliers_in_permuted_q_and_k_hit_the_right_weights(sources, tmp_pa
     assert result.exit_code == 0, result.output
     source, edited = open_checkpoint(files[type_name]), open_checkpoint(out)
     plan = EditPlan((Held(DOWN, *SUPER[1:]),), zero_outliers=3)
-    names = linear_layers(source)
+    names = linear_layers(source.config)
     assert {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"} <= set(names)
     for name in names:
         expected = edit_tensor(plan, name, source.load(name), is_linear=True)
@@ -149,9 +150,9 @@ def test_routed_experts_are_edited_in_their_slice(tmp_path):
     result = invoke("edit", source, "-o", out, "--zero-outliers", "2", "--super", scan, "-q")
     assert result.exit_code == 0, result.output
     edited = open_checkpoint(out)
-    experts = [n for n in linear_layers(checkpoint) if ".experts." in n]
+    experts = [n for n in linear_layers(checkpoint.config) if ".experts." in n]
     assert experts and checkpoint.expert_of(experts[-1]) is not None
-    for name in linear_layers(checkpoint):
+    for name in linear_layers(checkpoint.config):
         assert torch.equal(edited.load(name), edit_tensor(EditPlan(zero_outliers=2), name, checkpoint.load(name), True)), name
 
 
@@ -301,7 +302,7 @@ def test_llama_cpp_runs_the_edited_file(smollm2_zeroed, wiki_text, tmp_path):
 def test_full_disk_mid_write_leaves_nothing(sources, tmp_path, monkeypatch):
     import errno
 
-    import swtool.formats.gguf_copy as gguf_copy
+    import swtool.formats.gguf.rewrite as gguf_copy
 
     def full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -10,12 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 import swtool.evaluate as evaluate_mod
-from swtool.formats import open_checkpoint
+from swtool.ablation import EditPlan
 from swtool.cli import app
-from swtool.edit import EditPlan
 from swtool.errors import SwtoolError
 from swtool.evaluate import Options, cut_windows, evaluate, perplexity, restore_hook
-from swtool.codecs.supers import Held
+from swtool.formats.base import Held
+from swtool.formats.open import open_checkpoint
 
 SUPER = (1, 5, 7)
 
@@ -67,7 +67,7 @@ def test_evaluate_caps_ctx_and_limits_windows(planted, tmp_path):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)  # 1800 byte tokens
     result = evaluate(open_checkpoint(directory), text, ctx=4096, max_windows=2)
     assert (result.ctx, result.windows, result.tokens) == (256, 2, 1800)  # ctx capped at max_position_embeddings
-    from swtool.tokenizer import load_tokenizer
+    from swtool.model.tokenizer import load_tokenizer
 
     ids = torch.tensor(load_tokenizer(open_checkpoint(directory)).encode(text.read_text()).ids[:512]).view(2, 256)
     assert result.nll == pytest.approx(reference_nll(model, ids), abs=2e-5)
@@ -127,7 +127,7 @@ def test_smollm2_matches_transformers(smollm2_hf, wiki_text):
     import transformers
 
     checkpoint = open_checkpoint(smollm2_hf)
-    from swtool.tokenizer import load_tokenizer
+    from swtool.model.tokenizer import load_tokenizer
 
     ids = load_tokenizer(checkpoint).encode(wiki_text[:20000]).ids
     windows = cut_windows(ids, 128)[:2]

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from swtool.formats import open_checkpoint
-from swtool.model.forward import LayerStream
 from tiny import build
+
+from swtool.formats.open import open_checkpoint
+from swtool.model.forward import LayerStream
 
 CASES = [
     ("llama", {}),
@@ -158,7 +158,7 @@ def test_sliding_window_matters(tmp_path):
 )
 def test_sliding_layers_of_configs_without_layer_types(raw, sliding):
     """transformers v4 configs (still common on the Hub) imply which layers slide instead of listing `layer_types`."""
-    from swtool.config import from_hf
+    from swtool.families.config import from_hf
 
     base = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 6, "vocab_size": 300}
     config = from_hf({**base, **raw})
@@ -166,7 +166,7 @@ def test_sliding_layers_of_configs_without_layer_types(raw, sliding):
 
 
 def test_gemma3_v4_config_rope_bases():
-    from swtool.config import from_hf
+    from swtool.families.config import from_hf
 
     raw = {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 6,
            "vocab_size": 300, "sliding_window": 512, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,

@@ -7,7 +7,6 @@ import json
 import gguf
 import pytest
 import torch
-
 from test_quantize_cli import DOWN, SUPER, bad, cli, model, super_json  # noqa: F401  (shared fixtures)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swtool.formats import open_checkpoint
-from swtool.formats.gguf_out import plan_gguf, save_gguf
-from swtool.formats.hf_export import export_hf
+from swtool.formats.gguf.writer import plan_gguf, save_gguf
+from swtool.formats.hf.export import export_hf
+from swtool.formats.open import open_checkpoint
 
 
 def logits_both_ways(gguf_path, directory, ids):

@@ -7,15 +7,15 @@ import json
 
 import pytest
 import torch
-
 from clirun import invoke
 from gguf_tiny import convert
-from swtool.formats import open_checkpoint
-from swtool.formats.gguf_out import llama3_rope_factors
-from swtool.formats.hf_export import llama3_scaling
-from swtool.config import ModelConfig
 from test_gguf_families import CASES, logits
 from tiny import build
+
+from swtool.families.config import ModelConfig
+from swtool.families.rope import llama3_rope_factors
+from swtool.formats.hf.export import llama3_scaling
+from swtool.formats.open import open_checkpoint
 
 CLASSES = {
     "llama": "LlamaForCausalLM", "llama-tied": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -97,9 +97,8 @@ def test_divisors_that_are_not_llama3_are_refused():
 @pytest.mark.parametrize("style", ["prepend", "none"])
 def test_a_sentencepiece_style_vocabulary_comes_back_as_the_same_tokenizer(style, wiki_text, tmp_path):
     """HF (byte-fallback BPE) -> GGUF `llama` vocabulary -> dequantized tokenizer.json: the same ids as the original."""
-    from tokenizers import Tokenizer
-
     from test_gguf_families_out import write_sentencepiece_tokenizer
+    from tokenizers import Tokenizer
 
     build("llama", tmp_path / "hf", vocab_size=1024)
     write_sentencepiece_tokenizer(tmp_path / "hf", wiki_text[:100_000], 1000, style)

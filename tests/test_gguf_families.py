@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gguf_tiny import convert
-from swtool.formats import open_checkpoint
-from swtool.model.forward import LayerStream
-from swtool.tokenizer import encode
 from tiny import build
+
+from swtool.formats.open import open_checkpoint
+from swtool.model.forward import LayerStream
+from swtool.model.tokenizer import encode
 
 # GGUF stores no query_pre_attn_scalar: llama.cpp scales Gemma queries by head_dim (by hidden/heads for the
 # 27B models), so the Gemma models converted here use query_pre_attn_scalar = head_dim.
@@ -112,9 +112,10 @@ def test_llama_cpp_runs_the_converted_gguf_as_swtool_does(tmp_path, case):
 
 def test_a_planted_expert_super_weight_in_gguf_is_found_and_held_in_its_own_expert(tmp_path):
     """Scan of a GGUF Mixtral reports the merged tensor plus the expert; quantize's hold-out maps it back to that expert."""
-    from swtool.detect import scan
-    from swtool.codecs.supers import from_scan
     from tiny import plant
+
+    from swtool.detect import scan
+    from swtool.supers import from_scan
 
     model = build("mixtral", tmp_path / "hf", seed=1)
     plant(model, tmp_path / "hf", [(1, 5, 17, 1)])  # expert 1 of this seed gets tokens on which channel 17 fires

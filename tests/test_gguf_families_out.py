@@ -13,12 +13,12 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-
 from clirun import assert_user_error, invoke
-from swtool.formats import open_checkpoint
-from swtool.tokenizer import encode
 from test_gguf_families import CASES, chunk_perplexities, logits
 from tiny import build
+
+from swtool.formats.open import open_checkpoint
+from swtool.model.tokenizer import encode
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 SCALED = {
@@ -156,7 +156,7 @@ def test_a_model_gguf_cannot_express_is_refused_in_one_line_and_leaves_no_file(t
 def test_an_architecture_llama_cpp_lacks_is_refused_in_one_line_and_leaves_no_file(tmp_path, monkeypatch):
     import dataclasses
 
-    import swtool.formats.gguf_out as gguf_out
+    import swtool.formats.gguf.writer as gguf_out
 
     build("olmo2", tmp_path / "hf")
     family = gguf_out.family_for("olmo2")
@@ -199,7 +199,14 @@ def write_sentencepiece_tokenizer(directory: Path, text: str, size: int, style: 
     over "\u2581"-for-space text, <unk> <s> </s> then the 256 byte tokens. `style`: "prepend" (normalizers
     Prepend + Replace, older Llama files), "none" (Replace only, Gemma), "metaspace" (a Metaspace
     pre-tokenizer that prepends, newer Llama/Mistral files)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     if style == "metaspace":
@@ -324,7 +331,7 @@ def llama_cpp_vocabularies() -> Path:
 
 
 def vocabulary_cases(models: Path, name: str) -> tuple[dict, list[tuple[str, list[int]]]]:
-    from swtool.formats.gguf_in import read_metadata
+    from swtool.formats.gguf.reader import read_metadata
 
     meta = read_metadata(gguf.GGUFReader(models / f"ggml-vocab-{name}.gguf"))
     inputs = (models / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
@@ -340,8 +347,8 @@ def test_real_sentencepiece_vocabularies_read_and_written_tokenize_as_transforme
     the vocabulary llama.cpp's algorithm reads gives them too."""
     from tokenizers import Tokenizer
 
-    from swtool.formats.gguf_meta import tokenizer_metadata
-    from swtool.tokenizer import gguf_tokenizer_json
+    from swtool.formats.gguf.metadata import tokenizer_metadata
+    from swtool.formats.gguf.tokenizer import gguf_tokenizer_json
 
     meta, cases = vocabulary_cases(llama_cpp_vocabularies(), name)
     assert meta["tokenizer.ggml.model"] == "llama" and len(cases) == 47

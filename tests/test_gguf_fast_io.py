@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType
 
-from swtool.formats.gguf_in import Reader
-from swtool.formats.gguf_out import Writer
+from swtool.formats.gguf.reader import Reader
+from swtool.formats.gguf.writer import Writer
 
 VT = GGUFValueType
 METADATA = [

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from swtool.formats import open_checkpoint
-from swtool.formats.gguf_in import permute_qk, unpermute_qk
-from swtool.formats.gguf_out import plan_gguf, save_gguf
-from swtool.codecs.supers import Held
 from swtool.errors import SwtoolError
+from swtool.formats.base import Held
+from swtool.formats.gguf.reader import permute_qk, unpermute_qk
+from swtool.formats.gguf.writer import plan_gguf, save_gguf
+from swtool.formats.open import open_checkpoint
 
 SUPER = (1, 5, 17)  # layer, row, col of the planted super weight
 SUPER_VALUE = 30.0
@@ -173,7 +173,7 @@ def test_gguf_input_keeps_its_names_and_tokenizer(tiny, tmp_path):
 
 
 def test_bad_type_and_unknown_architecture_are_refused(tiny, tmp_path, monkeypatch):
-    import swtool.formats.gguf_out as gguf_out
+    import swtool.formats.gguf.writer as gguf_out
 
     checkpoint = open_checkpoint(tiny)
     with pytest.raises(SwtoolError, match="--type 'Q4_K' is not a GGUF type swtool writes"):
@@ -270,7 +270,7 @@ def test_models_llama_cpp_cannot_express_are_refused(tmp_path):
 def test_tokenizer_rebuilt_from_smollm2_tokenizer_json_equals_the_original(smollm2_gguf, smollm2_hf):
     """GGUF -> HF directory (swtool's export) -> GGUF keys: tokens, types, merges, pre-tokenizer,
     special ids, add-bos and chat template all come back (add_space_prefix is SentencePiece-only)."""
-    from swtool.formats.gguf_meta import model_metadata
+    from swtool.formats.gguf.metadata import model_metadata
 
     original = fields(gguf.GGUFReader(smollm2_gguf))
     rebuilt, notes = model_metadata(open_checkpoint(smollm2_hf), "llama")

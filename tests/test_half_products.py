@@ -11,14 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-
-from swtool import native
-from swtool.formats import open_checkpoint
-from swtool.detect import scan
-from swtool.model.forward import PRODUCT_BAND_ROWS, SMALL_BATCH_ROWS, LayerStream, product
-from swtool.workers import parallel_chunks
 from tiny import build, plant
 
+from swtool import native
+from swtool.detect import scan
+from swtool.formats.open import open_checkpoint
+from swtool.model.forward import (
+    PRODUCT_BAND_ROWS,
+    SMALL_BATCH_ROWS,
+    LayerStream,
+    product,
+)
+from swtool.workers import parallel_chunks
 
 needs_kernel = pytest.mark.skipif(native.product_kernels() is None, reason=f"no vectorised C product here ({native.status})")
 

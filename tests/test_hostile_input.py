@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import assert_user_error, invoke, snapshot, swtool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from clirun import assert_user_error, invoke, snapshot, swtool
 from synthetic import CONFIG, gguf_file, llama_dir, llama_tensors, safetensors_bytes
-from swtool.formats import open_checkpoint
+
 from swtool.errors import SwtoolError
+from swtool.formats.open import open_checkpoint
 
 FAST = settings(max_examples=int(os.environ.get("SWTOOL_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -342,7 +342,7 @@ def test_gguf_metadata_array_too_many_real_items(tmp_path):
 ABSURD_RSS = textwrap.dedent(
     """
     import resource, sys
-    from swtool.formats import open_checkpoint
+    from swtool.formats.open import open_checkpoint
     from swtool.errors import SwtoolError
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for path in sys.argv[1:]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swtool.formats import open_checkpoint
+from swtool import importance
 from swtool.detect import DEFAULT_PROMPT
-from swtool.codecs import importance
-from swtool.tokenizer import encode
+from swtool.formats.open import open_checkpoint
+from swtool.model.tokenizer import encode
 
 
 @pytest.fixture(scope="module")

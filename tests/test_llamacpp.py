@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from swtool.formats import open_checkpoint
-from swtool.formats.gguf_out import plan_gguf, save_gguf
-from swtool.codecs.supers import Held
+from swtool.formats.base import Held
+from swtool.formats.gguf.writer import plan_gguf, save_gguf
+from swtool.formats.open import open_checkpoint
 
 BIN = os.environ.get("SWTOOL_LLAMA_CPP")
 pytestmark = [

@@ -13,14 +13,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from test_ggml_codecs import edge_cases, reference
 
 from swtool import native
 from swtool.codecs import ggml, rtn
 from swtool.codecs.ggml import TYPES, NonFiniteError, encode
 from swtool.codecs.rtn import QuantSpec, quantize
 from swtool.errors import SwtoolError
-
-from test_ggml_codecs import edge_cases, reference
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason=f"native kernels unavailable: {native.status}")
 

@@ -9,10 +9,10 @@ that expert's index.
 from __future__ import annotations
 
 import pytest
-
-from swtool.formats import open_checkpoint
-from swtool.detect import scan
 from tiny import build, plant
+
+from swtool.detect import scan
+from swtool.formats.open import open_checkpoint
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2", "gemma3_text", "mixtral"]
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from swtool.errors import SwtoolError
 from swtool.codecs import pack, rtn
+from swtool.errors import SwtoolError
 
 
 def weight(rows: int = 96, cols: int = 77, seed: int = 0) -> torch.Tensor:

@@ -57,7 +57,7 @@ def metadata(directory: Path) -> dict[str, str]:
 def test_layout_and_metadata(quantized, model):
     meta = metadata(quantized)
     assert meta["swtool.format"] == "swtool-rtn" and meta["swtool.format_version"] == "1"
-    assert json.loads(meta["swtool.codecs"]) == {"bits": 4, "block": 64, "sym": False, "clip": "none", "dtype": "float32"}
+    assert json.loads(meta["swtool.quant"]) == {"bits": 4, "block": 64, "sym": False, "clip": "none", "dtype": "float32"}
     assert json.loads(meta["swtool.super"]) == [{"tensor": DOWN, "row": 5, "col": 7, "value": 30.0}]
     inputs = json.loads(meta["swtool.inputs"])
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(inputs) and all(len(v) == 64 for v in inputs.values())
@@ -127,8 +127,8 @@ def test_super_from_stdin_and_gguf_style_json_lines(model, quantized, tmp_path):
 
 def test_quantized_directory_reads_as_a_checkpoint(quantized, model):
     from swtool import load_state_dict
-    from swtool.formats import open_checkpoint
     from swtool.detect import scan
+    from swtool.formats.open import open_checkpoint
 
     checkpoint = open_checkpoint(quantized)
     assert checkpoint.format == "swtool-rtn" and checkpoint.stored_dtype(DOWN) == "RTN4"

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from swtool.formats import open_checkpoint
-from swtool.formats.safetensors_in import SafetensorsCheckpoint
-from swtool.detect import scan
-from swtool.model.forward import LayerStream
 from tiny import build, plant
+
+from swtool.detect import scan
+from swtool.formats.hf.reader import SafetensorsCheckpoint
+from swtool.formats.open import open_checkpoint
+from swtool.model.forward import LayerStream
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_rows_and_whole_tensors_match_the_reference_loader(model_dir, tmp_path, 
     a = tensors["a"]
     for rows in ([3, 4, 5, 9, 0, 0, 36], slice(5, 20), slice(30, None), np.array([2, 1]), [-1]):
         assert torch.equal(checkpoint.load("a", torch.bfloat16, rows=rows), a[torch.as_tensor(np.arange(37)[rows])])
-    monkeypatch.setattr("swtool.formats.safetensors_in.READ_BLOCK_BYTES", 16)  # many staging blocks per tensor
+    monkeypatch.setattr("swtool.formats.hf.reader.READ_BLOCK_BYTES", 16)  # many staging blocks per tensor
     checkpoint = SafetensorsCheckpoint(tmp_path)
     out = torch.empty(37, 5)
     assert checkpoint.load("a", torch.float32, out=out) is out

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import tiny
 
 
@@ -89,7 +88,7 @@ def test_corrupt_gguf(tmp_path):
 def test_index_naming_a_missing_shard(good_model, tmp_path):
     model = copy_model(good_model, tmp_path)
     (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
-    from swtool.formats.safetensors_in import read_header
+    from swtool.formats.hf.reader import read_header
 
     names = read_header(model / "model-00001-of-00002.safetensors")[0]
     weight_map = {name: "model-00001-of-00002.safetensors" for name in names}

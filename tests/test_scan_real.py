@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from swtool.formats import open_checkpoint
 from swtool.detect import scan
+from swtool.formats.open import open_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_layer_maxima_agree_with_transformers_reading_the_gguf(smollm2_gguf, ggu
         layer.mlp.down_proj.register_forward_hook(lambda m, i, o: records.append((float(i[0].abs().max()), float(o.abs().max()))))
         for layer in model.model.layers
     ]
-    from swtool.tokenizer import encode
+    from swtool.model.tokenizer import encode
 
     ids = torch.tensor([encode(open_checkpoint(smollm2_gguf), gguf_scan.prompt)])
     with torch.no_grad():

@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
-
 from clirun import SWTOOL, assert_user_error, invoke, snapshot
-from swtool import __version__
-from swtool.formats import open_checkpoint
+from safetensors import safe_open
 from synthetic import CONFIG, llama_dir, llama_tensors, plant
 from test_batch import EFFECT, shell
+
+from swtool import __version__
+from swtool.formats.open import open_checkpoint
 
 SLOW = [sys.executable, str(Path(__file__).with_name("slow_command.py"))]
 SUPER = (0, 5, 20)
@@ -141,7 +141,7 @@ def test_signal_mid_write_leaves_no_output(command, sig, race, model, super_json
 @pytest.mark.parametrize("command", WRITERS)
 def test_full_disk_mid_write(command, model, super_json, quantized, tmp_path, monkeypatch):
     """A write that fails with ENOSPC after the first tensor: one line, exit 2, nothing left."""
-    from swtool.formats.safetensors_out import ShardedWriter
+    from swtool.formats.hf.writer import ShardedWriter
 
     original = ShardedWriter.write
 
@@ -213,4 +213,4 @@ def test_find_xargs_quantize_pipeline(model, tmp_path):
     assert done.stderr == ""
     assert sorted(os.listdir(tmp_path / "out" / "models")) == ["alpha", "beta"]
     for name in ("alpha", "beta"):
-        assert json.loads(metadata(tmp_path / "out" / "models" / name)["swtool.codecs"])["block"] == 512
+        assert json.loads(metadata(tmp_path / "out" / "models" / name)["swtool.quant"])["block"] == 512

@@ -31,7 +31,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from swtool import native
-from swtool.workers import active as pool_active, run_chunks
+from swtool.workers import active as pool_active
+from swtool.workers import run_chunks
 
 QType = GGMLQuantizationType
 

@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from swtool.errors import SwtoolError
 from swtool import native
+from swtool.errors import SwtoolError
 from swtool.workers import run_chunks
 
 WIDTHS = (2, 3, 4, 8)

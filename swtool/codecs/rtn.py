@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swtool.errors import SwtoolError
 from swtool import native
 from swtool.codecs.pack import WIDTHS, pack, unpack
+from swtool.errors import SwtoolError
 from swtool.workers import run_chunks
 
 CHUNK = 1 << 20
@@ -288,7 +288,7 @@ def auto_threshold(flat: torch.Tensor, n: int, bits: int, sym: bool, importance:
     """The clipping threshold on |w| that minimises the tensor's RTN error, or None if none helps.
 
     Data-free: the error is sum_ij (RTN(clip(W)) - W)_ij^2 * importance[j], `importance`
-    holding one weight per input column (swtool.codecs.importance: the mean square of
+    holding one weight per input column (swtool.importance: the mean square of
     that column's input on the scan prompt, so the sum approximates the output error
     ||(W' - W) x||^2); without it every element counts alike. Candidates are
     max|w| * 2**(-k/2) (k = 1..AUTO_STEPS, stopping after AUTO_PATIENCE misses in a
@@ -346,7 +346,7 @@ def auto_threshold(flat: torch.Tensor, n: int, bits: int, sym: bool, importance:
 def quantize(weight: torch.Tensor, spec: QuantSpec, held: Sequence[tuple[int, int]] = (), importance: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize one weight (any float dtype, at least 1-D); `held` lists (row, col) to keep exactly.
 
-    `importance` (one weight per input column, see swtool.codecs.importance) weights
+    `importance` (one weight per input column, see swtool.importance) weights
     the error that `--clip auto` minimises; other rules ignore it."""
     shape = tuple(weight.shape)
     n = spec.block_length(shape)

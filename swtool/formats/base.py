@@ -15,15 +15,77 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
+from swtool.families import Family, family_of
+from swtool.families.config import ModelConfig
 
 Rows = slice | Sequence[int] | np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Storage:
+    """One element type as files store it: the name safetensors and GGUF spell it with, how its raw
+    bytes are viewed in numpy (bfloat16 as little-endian uint16, numpy has no bfloat16), torch's dtype."""
+
+    name: str
+    numpy: np.dtype
+    torch: torch.dtype
+
+    @property
+    def size(self) -> int:
+        return self.numpy.itemsize
+
+
+STORAGE: dict[str, Storage] = {
+    s.name: s
+    for s in (
+        Storage("F64", np.dtype("<f8"), torch.float64),
+        Storage("F32", np.dtype("<f4"), torch.float32),
+        Storage("F16", np.dtype("<f2"), torch.float16),
+        Storage("BF16", np.dtype("<u2"), torch.bfloat16),
+        Storage("I64", np.dtype("<i8"), torch.int64),
+        Storage("I32", np.dtype("<i4"), torch.int32),
+        Storage("I16", np.dtype("<i2"), torch.int16),
+        Storage("I8", np.dtype("i1"), torch.int8),
+        Storage("U8", np.dtype("u1"), torch.uint8),
+        Storage("BOOL", np.dtype("?"), torch.bool),
+    )
+}
+"""The one table of element types, by their safetensors/GGUF name."""
+
+STORAGE_OF: dict[torch.dtype, Storage] = {s.torch: s for s in STORAGE.values()}
+
+FLOATS = ("F32", "F16", "BF16")
+"""The float types a model's weights are stored in and computed from."""
+
+
+def float_dtype(stored: str, default: torch.dtype) -> torch.dtype:
+    """torch's dtype for a stored float type name (F32, F16, BF16), else `default` (GGML block types...)."""
+    return STORAGE[stored].torch if stored in FLOATS else default
+
+
+def native_dtype(checkpoint: "Checkpoint", name: str) -> torch.dtype:
+    """The dtype a tensor is stored in, where that is a float dtype torch has; fp16 for GGUF block types
+    (what writers hand to the codecs and store unquantized tensors in)."""
+    return float_dtype(checkpoint.stored_dtype(name), torch.float16)
+
+
+@dataclass(frozen=True)
+class Held:
+    """One weight by its coordinates: a super weight held out, zeroed or recorded."""
+
+    tensor: str
+    """Canonical (HF) name."""
+    row: int
+    col: int
 
 CHECK_CHUNK = 1 << 22
 """Elements examined at once when counting NaN/Inf: bounds the temporary mask."""
@@ -40,6 +102,26 @@ class Checkpoint(ABC):
 
     allow_nonfinite: bool = False
     """Let NaN/Inf weights through `load` instead of refusing them."""
+
+    meta: dict[str, Any] = {}
+    """The file's own key/value metadata (GGUF's); empty for formats without any."""
+
+    @cached_property
+    def family(self) -> Family:
+        return family_of(self.config)
+
+    def expert_of(self, name: str) -> int | None:
+        """The routed expert a canonical tensor belongs to where the file merges experts into one tensor."""
+        return None
+
+    def default_dtype(self, name: str) -> torch.dtype:
+        """The dtype a tensor is handed out in when the caller names none: its stored float type
+        (a quantized format's recorded source dtype), fp32 otherwise."""
+        return float_dtype(self.stored_dtype(name), torch.float32)
+
+    def value(self, held: Held, dtype: torch.dtype = torch.float32) -> float:
+        """One weight's value, read from its row alone, rounded to `dtype` (fp16 for the side tables)."""
+        return float(self.load(held.tensor, torch.float32, rows=[held.row])[0, held.col].to(dtype))
 
     def names(self) -> list[str]:
         """Canonical names of every tensor in the checkpoint, in file order."""

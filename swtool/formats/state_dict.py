@@ -12,11 +12,9 @@ from pathlib import Path
 
 import torch
 
-from swtool.formats import open_checkpoint
 from swtool.formats.base import Checkpoint
-from swtool.formats.hf_export import exported_names
-
-STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+from swtool.formats.hf.export import exported_names
+from swtool.formats.open import open_checkpoint
 
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
@@ -29,10 +27,7 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         """The asked dtype; else a quantized checkpoint's recorded source dtype; else the stored float dtype (fp32 otherwise)."""
         if self.dtype is not None:
             return self.dtype
-        default = getattr(self.checkpoint, "default_dtype", None)
-        if default is not None:
-            return default(name)
-        return STORED.get(self.checkpoint.stored_dtype(name), torch.float32)
+        return self.checkpoint.default_dtype(name)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:

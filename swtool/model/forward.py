@@ -17,7 +17,6 @@ sent to that expert; the other tokens' rows of the input and output are zero.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -25,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from swtool import native, workers
-from swtool.arch import Family, family_of
-from swtool.formats.base import Checkpoint
-from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
+from swtool.families import Family, family_of
+from swtool.families.rope import apply_rope, inverse_frequencies
+from swtool.formats.base import Checkpoint, float_dtype
 
 MlpHook = Callable[..., torch.Tensor | None]
 """(layer, down_proj input (B,T,I), down_proj output (B,T,H)[, expert=E, routed=mask]) -> replacement output or None."""
@@ -47,9 +46,11 @@ torch's fp32 product. Measured on one AVX-512 core, median of 7: at 11 rows 6-8 
 at 64 rows the 2048x5632 shape takes 31 ms against 15 + 20 ms. See `LayerStream.expect_rows`."""
 
 PRODUCT_BAND_ROWS = 512
+
+HALF_TYPES = ("BF16", "F16")
+"""Stored types whose matrices may stay in 16 bits for the C product kernel."""
 """Weight rows per work item of `product`: enough work (~1 M weights) to amortise a hand-off to a worker."""
 
-HALF_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
 """Storage types a matrix may stay in for the products (stored_dtype spelling -> torch dtype)."""
 
 LAYER_NORM_EPS = 1e-5
@@ -59,63 +60,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
-
-
-def inverse_frequencies(config: ModelConfig, extra_divisor: torch.Tensor | None = None, theta: float | None = None, length: int | None = None) -> tuple[torch.Tensor, float]:
-    """RoPE inverse frequencies and the attention scaling the rope type asks for.
-
-    `theta` gives plain (unscaled) RoPE with another base, as Gemma-3's sliding-window layers use.
-    `length` is the sequence length, which picks LongRoPE's short or long factors.
-    """
-    dim = config.rotary_dim or config.head_dim
-    base = theta if theta is not None else config.rope_theta
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if theta is not None:
-        return inv, 1.0
-    scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type", "default")
-    attention_factor = 1.0
-    if kind == "linear":
-        inv = inv / float(scaling["factor"])
-    elif kind == "llama3":
-        factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old / low, inv / factor, inv)
-        smooth = (old / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-        inv = torch.where(medium, smoothed, scaled)
-    elif kind == "yarn":
-        inv, attention_factor = _yarn(config, scaling, inv)
-    elif kind == "longrope":  # Phi-3 128k / Phi-3.5: per-frequency factors, long ones past the original context
-        original = float(scaling["original_max_position_embeddings"])
-        factor = float(scaling.get("factor") or config.max_position_embeddings / original)
-        attention_factor = scaling.get("attention_factor") or (math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0)
-        factors = scaling["long_factor"] if length is not None and length > original else scaling["short_factor"]
-        inv = inv / torch.tensor(factors, dtype=torch.float32)
-    elif kind not in ("default", "dynamic"):
-        raise SwtoolError(f"rope type {kind!r} is not supported (supported: default, linear, llama3, yarn, longrope, dynamic)")
-    if extra_divisor is not None:
-        inv = inv / extra_divisor.float()
-    return inv, attention_factor
-
-
-def _yarn(config: ModelConfig, scaling: dict, inv: torch.Tensor) -> tuple[torch.Tensor, float]:
-    dim, base = config.rotary_dim or config.head_dim, config.rope_theta
-    factor = float(scaling["factor"])
-    original = float(scaling.get("original_max_position_embeddings") or config.max_position_embeddings)
-    beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
-    attention_factor = scaling.get("attention_factor") or 0.1 * math.log(factor) + 1.0
-
-    def correction(rotations: float) -> float:
-        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-    low = max(math.floor(correction(beta_fast)), 0)
-    high = min(math.ceil(correction(beta_slow)), dim - 1)
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
-    extrapolation = 1 - ramp
-    return inv / factor * (1 - extrapolation) + inv * extrapolation, float(attention_factor)
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,19 +87,6 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     workers.run_chunks(band, range(0, out_features, PRODUCT_BAND_ROWS))
     y = y.view(*x.shape[:-1], out_features)
     return y if bias is None else y + bias
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate the leading rotary_dim dimensions of each head (all of them unless RoPE is partial)."""
-    cos, sin = rope
-    dim = cos.shape[-1]
-    rotated = x[..., :dim] * cos + rotate_half(x[..., :dim]) * sin
-    return rotated if dim == x.shape[-1] else torch.cat((rotated, x[..., dim:]), dim=-1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -221,7 +152,8 @@ class LayerStream:
 
     def _load_dtype(self, name: str) -> torch.dtype:
         if self.keep_16bit and len(self.checkpoint.shape(name)) == 2:
-            return HALF_DTYPES.get(self.checkpoint.stored_dtype(name), self.dtype)
+            stored = self.checkpoint.stored_dtype(name)
+            return float_dtype(stored, self.dtype) if stored in HALF_TYPES else self.dtype
         return self.dtype
 
     def _get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -403,14 +335,24 @@ class LayerStream:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, the head streamed in row chunks of the vocabulary; soft-capped where the family does."""
+        x = self.final_norm(h)
+        head = self.family.global_tensors(self.config)["head"]
+        return self.softcap(torch.cat([product(x, chunk) for _, chunk in self.head_chunks(self._load_dtype(head))], dim=-1))
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         names = self.family.global_tensors(self.config)
-        x = self.norm(h, self._get(names["final_norm"]) if "final_norm" in names else None)
-        chunks = []
+        return self.norm(h, self._get(names["final_norm"]) if "final_norm" in names else None)
+
+    def head_chunks(self, dtype: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The LM head's rows in chunks of the vocabulary (HEAD_CHUNK_ROWS), each loaded as its turn comes:
+        a large vocabulary's head is never whole in memory."""
+        name = self.family.global_tensors(self.config)["head"]
         for start in range(0, self.config.vocab_size, HEAD_CHUNK_ROWS):
             rows = slice(start, min(start + HEAD_CHUNK_ROWS, self.config.vocab_size))
-            head = self.checkpoint.load(names["head"], self._load_dtype(names["head"]), rows=rows).to(self.device)
-            chunks.append(product(x, head))
-        logits = torch.cat(chunks, dim=-1)
+            yield rows, self.checkpoint.load(name, dtype, rows=rows).to(self.device)
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma-2's final logit soft-capping (cap * tanh(logits / cap)); the logits as they are elsewhere."""
         cap = self.config.final_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 

@@ -24,8 +24,8 @@ import gguf
 import numpy as np
 from gguf import GGUFEndian, GGUFValueType
 
-from swtool.errors import SwtoolError
 from swtool.codecs.ggml import QType, encoded_nbytes
+from swtool.errors import SwtoolError
 
 COPY_BLOCK = 16 << 20
 """Bytes copied at a time from the input's data section."""

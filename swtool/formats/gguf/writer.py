@@ -25,7 +25,6 @@ Type choice for `--type T`, following llama-quantize where it applies:
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,15 +37,21 @@ import torch
 from gguf import GGUFValueType, LlamaFileType
 from gguf.gguf_writer import GGUFValue
 
-from swtool.arch import family_for
-from swtool.formats.base import Checkpoint
-from swtool.formats.gguf_in import ARCH_BY_NAME, EXPERT, permute_qk, qk_heads
-from swtool.formats.gguf_meta import Metadata, model_metadata
+from swtool.codecs.ggml import (
+    TYPES,
+    NonFiniteError,
+    QType,
+    can_encode,
+    encode,
+    encoded_nbytes,
+)
 from swtool.errors import SwtoolError
-from swtool.codecs.ggml import TYPES, NonFiniteError, QType, can_encode, encode, encoded_nbytes
-from swtool.codecs.supers import Held
+from swtool.families import family_for
+from swtool.families.rope import llama3_rope_factors
+from swtool.formats.base import Checkpoint, Held, float_dtype
+from swtool.formats.gguf.metadata import Metadata, model_metadata
+from swtool.formats.gguf.reader import ARCH_BY_NAME, EXPERT, permute_qk, qk_heads
 from swtool.workers import parallel_chunks
-from swtool.quantize import FLOAT_TYPES
 
 SUPER_TYPES = ("Q8_0", "F16")
 PRECISION = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.BF16, QType.F16, QType.F32)
@@ -218,28 +223,6 @@ def rope_tensors(config) -> dict[str, torch.Tensor]:
     return {}
 
 
-def llama3_rope_factors(config) -> torch.Tensor:
-    """llama.cpp's `rope_freqs` for llama3 RoPE scaling, as convert_hf_to_gguf.py computes it:
-    per frequency, the divisor llama3 scaling applies (1 for high, `factor` for low frequencies, smooth between)."""
-    scaling = config.rope_scaling
-    dim = config.head_dim
-    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    factor = float(scaling.get("factor", 8.0))
-    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
-    old = float(scaling.get("original_max_position_embeddings", 8192))
-    factors = []
-    for freq in freqs.tolist():
-        wavelen = 2 * math.pi / freq
-        if wavelen < old / high:
-            factors.append(1.0)
-        elif wavelen > old / low:
-            factors.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(factors, dtype=torch.float32)
-
-
 def stored_row(tensor: GGUFTensor, row: int) -> int:
     """Where HF row `row` of `tensor` lands in the GGUF file (moved only by the Q/K permutation)."""
     if tensor.permute_heads is None:
@@ -257,11 +240,10 @@ def super_weight_metadata(checkpoint: Checkpoint, tensors: list[GGUFTensor], wei
         tensor = by_source.get(w.tensor)
         if tensor is None:
             raise SwtoolError(f"super weight tensor {w.tensor} is not written to the GGUF file")
-        value = checkpoint.load(w.tensor, torch.float32, rows=[w.row])[0, w.col].half()
         names.append(tensor.name)
         rows.append(stored_row(tensor, w.row))
         cols.append(w.col)
-        values.append(float(value))
+        values.append(checkpoint.value(w, torch.float16))
         experts.append(tensor.stacked.index(w.tensor) if tensor.stacked else -1)
     arr, prefix = GGUFValueType.ARRAY, "swtool.super_weights."
     out = {
@@ -281,7 +263,7 @@ def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
         return np.stack([encoded_tensor(checkpoint, replace(tensor, source=s, shape=tensor.shape[1:], stacked=())) for s in tensor.stacked])
     # fp16/bf16 weights go to the codecs as they are stored (exact either way, and the codecs
     # read them without an fp32 copy); a folded norm offset is added in float32, as the converter does
-    dtype = FLOAT_TYPES.get(checkpoint.stored_dtype(tensor.source), torch.float32) if tensor.values is None and not tensor.offset else torch.float32
+    dtype = float_dtype(checkpoint.stored_dtype(tensor.source), torch.float32) if tensor.values is None and not tensor.offset else torch.float32
     weight = tensor.values if tensor.values is not None else checkpoint.load(tensor.source, dtype)
     if tensor.permute_heads is not None:
         weight = permute_qk(weight, tensor.permute_heads)

@@ -24,26 +24,14 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from swtool.formats import PICKLE_SUFFIXES, pickle_refusal
-from swtool.formats.base import Checkpoint, Rows
-from swtool.config import from_hf
 from swtool.errors import SwtoolError
+from swtool.families.config import from_hf
+from swtool.formats.base import STORAGE, Checkpoint, Rows
+from swtool.formats.pickles import PICKLE_SUFFIXES, pickle_refusal
 
 HEADER_CAP = 100 * 1024 * 1024
 """The safetensors format refuses headers larger than 100 MB; so do we."""
 
-DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
-    "F64": (np.dtype("<f8"), torch.float64),
-    "F32": (np.dtype("<f4"), torch.float32),
-    "F16": (np.dtype("<f2"), torch.float16),
-    "BF16": (np.dtype("<u2"), torch.bfloat16),
-    "I64": (np.dtype("<i8"), torch.int64),
-    "I32": (np.dtype("<i4"), torch.int32),
-    "I16": (np.dtype("<i2"), torch.int16),
-    "I8": (np.dtype("i1"), torch.int8),
-    "U8": (np.dtype("u1"), torch.uint8),
-    "BOOL": (np.dtype("?"), torch.bool),
-}
 
 READ_BLOCK_BYTES = 16 * 1024 * 1024
 
@@ -112,8 +100,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         if not isinstance(info, dict):
             raise SwtoolError(f"{path}: tensor {name}: header entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise SwtoolError(f"{path}: tensor {name}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(dtype, str) or dtype not in STORAGE:
+            raise SwtoolError(f"{path}: tensor {name}: unknown dtype {dtype!r} (known: {', '.join(STORAGE)})")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise SwtoolError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
         if not (
@@ -128,7 +116,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raise SwtoolError(
                 f"{path}: tensor {name}: data_offsets end at byte {end} but the file holds {data_size} data bytes (truncated?)"
             )
-        expected = math.prod(shape) * DTYPES[dtype][0].itemsize
+        expected = math.prod(shape) * STORAGE[dtype].size
         if end - begin != expected:
             raise SwtoolError(
                 f"{path}: tensor {name}: shape {shape} of {dtype} needs {expected} bytes, data_offsets give {end - begin}"
@@ -234,7 +222,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _read(self, name: str, rows: Rows) -> torch.Tensor:
         entry = self._entries[name]
-        np_dtype, torch_dtype = DTYPES[entry.dtype]
+        np_dtype, torch_dtype = STORAGE[entry.dtype].numpy, STORAGE[entry.dtype].torch
         if rows is None:
             array = np.empty(entry.shape, np_dtype)
             self._read_span(entry.file, entry.start, array)
@@ -250,7 +238,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _read_into(self, name: str, out: torch.Tensor) -> bool:
         entry = self._entries[name]
-        np_dtype, torch_dtype = DTYPES[entry.dtype]
+        np_dtype, torch_dtype = STORAGE[entry.dtype].numpy, STORAGE[entry.dtype].torch
         if out.dtype == torch_dtype:  # stored as wanted: straight into out, one copy
             self._read_span(entry.file, entry.start, out.view(-1).view(torch.uint8).numpy())
             return True

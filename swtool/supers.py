@@ -1,4 +1,4 @@
-"""Which weights to hold out: from a scan run here, or from `swtool scan --json` output, checked against the model.
+"""Which weights are the super weights: from a scan run here, or from `swtool scan --json` output, checked against the model.
 
 Scan output names tensors as stored in the scanned file (HF names, or GGUF
 names such as `blk.11.ffn_down.weight`); both spellings are accepted and mapped
@@ -11,22 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from swtool.arch import family_of
-from swtool.formats.base import Checkpoint
-from swtool.detect import ScanResult
+from swtool.detect import ScanResult, scan
 from swtool.errors import SwtoolError
-
-
-@dataclass(frozen=True)
-class Held:
-    tensor: str
-    """Canonical (HF) name."""
-    row: int
-    col: int
+from swtool.formats.base import Checkpoint, Held
 
 
 def parse_scan_json(text: str, where: str) -> list[dict]:
@@ -79,7 +69,7 @@ def resolve(entries: list[dict], checkpoint: Checkpoint, where: str) -> list[Hel
         if entry.get("expert") is not None and isinstance(entry.get("layer"), int):
             # Routed experts may share one stored tensor (GGUF's merged ffn_down_exps): name the expert's own slice.
             config = checkpoint.config
-            expert_name = family_of(config).down_tensor(config, entry["layer"], int(entry["expert"]))
+            expert_name = checkpoint.family.down_tensor(config, entry["layer"], int(entry["expert"]))
             name = expert_name if checkpoint.has(expert_name) and tensor in (expert_name, checkpoint.stored_name(expert_name)) else None
         if name is None:
             raise SwtoolError(f"{where}: tensor {tensor} is not in {checkpoint.path} (a scan of another model?)")
@@ -92,3 +82,15 @@ def resolve(entries: list[dict], checkpoint: Checkpoint, where: str) -> list[Hel
 
 def from_scan(result: ScanResult, checkpoint: Checkpoint) -> list[Held]:
     return resolve(result.to_json()["super_weights"], checkpoint, "scan")
+
+
+def find_super_weights(checkpoint: Checkpoint, super_file: str | None, stdin: TextIO, *, required: bool, **scan_options) -> list[Held]:
+    """The super weights named by `--super FILE|-`, or found by a scan; none found is an error when `required`."""
+    if super_file is not None:
+        held = read_argument(super_file, checkpoint, stdin)[0]
+    else:
+        held = from_scan(scan(checkpoint, **scan_options), checkpoint)
+    if required and not held:
+        source = f"--super {super_file} lists" if super_file is not None else "the scan found"
+        raise SwtoolError(f"{source} no super weight in {checkpoint.path}; nothing to act on")
+    return held

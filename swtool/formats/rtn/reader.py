@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from swtool.formats.base import Checkpoint, Rows
-from swtool.formats.safetensors_in import SafetensorsCheckpoint, read_header, shard_map
-from swtool.errors import SwtoolError
-from swtool.codecs import layout
 from swtool.codecs.rtn import QuantizedTensor, block_length, dequantize
+from swtool.errors import SwtoolError
+from swtool.formats.base import Checkpoint, Rows
+from swtool.formats.hf.reader import SafetensorsCheckpoint, read_header, shard_map
+from swtool.formats.rtn import layout
 
 
 def directory_metadata(directory: Path) -> dict[str, str]:

@@ -21,20 +21,7 @@ import numpy as np
 import torch
 
 from swtool.errors import SwtoolError
-
-TORCH_TO_ST = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+from swtool.formats.base import STORAGE, STORAGE_OF
 
 
 @dataclass(frozen=True)
@@ -46,7 +33,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+        return math.prod(self.shape) * STORAGE[self.dtype].size
 
 
 def parse_size(text: str) -> int:
@@ -112,7 +99,7 @@ class ShardedWriter:
         shard_index, planned = self._queue[self._position]
         if name != planned.name:
             raise SwtoolError(f"internal: wrote {name} where the plan expects {planned.name}")
-        if TORCH_TO_ST.get(tensor.dtype) != planned.dtype or tuple(tensor.shape) != planned.shape:
+        if getattr(STORAGE_OF.get(tensor.dtype), 'name', None) != planned.dtype or tuple(tensor.shape) != planned.shape:
             raise SwtoolError(f"internal: {name} is {tensor.dtype} {list(tensor.shape)}, planned {planned.dtype} {list(planned.shape)}")
         if shard_index != self._open_index:
             self._open(shard_index)

@@ -10,7 +10,7 @@ merges and special ids through gguf-py's `SpecialVocab`, and the
 pre-tokenizer name llama.cpp uses to pick its splitting regex. llama.cpp's
 converter identifies the pre-tokenizer by hashing a sample tokenization; we
 recognise the `tokenizer.json` pre-tokenizer structure instead, which is the
-inverse of `swtool.tokenizer` reading those names.
+inverse of `swtool.model.tokenizer` reading those names.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import gguf
 from gguf import GGUFValueType, TokenType
 from gguf.gguf_writer import GGUFValue
 
-from swtool.formats.base import Checkpoint
-from swtool.config import ModelConfig, gguf_query_scale
 from swtool.errors import SwtoolError
-from swtool.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
+from swtool.families.config import ModelConfig, gguf_query_scale
+from swtool.formats.base import Checkpoint
+from swtool.formats.gguf.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
 
 Metadata = dict[str, GGUFValue]
 
@@ -130,7 +130,7 @@ def longrope_attention_factor(config: ModelConfig) -> float:
 def check_representable(config: ModelConfig, arch: str) -> None:
     """Refuse what llama.cpp's GGUF cannot express, so no file silently computes another model."""
     kind = (config.rope_scaling or {}).get("rope_type")
-    # llama3 scaling travels as the rope_freqs tensor, Phi-3's LongRoPE as rope_factors_long/short (swtool.formats.gguf_out)
+    # llama3 scaling travels as the rope_freqs tensor, Phi-3's LongRoPE as rope_factors_long/short (swtool.formats.gguf.writer)
     if kind not in (None, "linear", "yarn", "llama3") and not (kind == "longrope" and arch == "phi3"):
         raise SwtoolError(f"rope scaling {kind!r}: GGUF output supports linear, yarn and llama3 scaling (and LongRoPE for phi3)")
     if arch in ("gemma", "gemma2") and not config.tie_embeddings:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
-from swtool.arch import family_of
-from swtool.formats.base import Checkpoint
 from swtool.errors import SwtoolError
+from swtool.families import family_of
+from swtool.formats.base import Checkpoint
 
 LAYER_INDEX = re.compile(r"^(?:model\.layers|blk)\.(\d+)\.")
 """A decoder layer's tensors, under HF or (for tensors swtool does not map) GGUF names."""

@@ -42,7 +42,7 @@ def input_importance(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32,
     are clipped by their plain reconstruction error.
     """
     from swtool.detect import DEFAULT_PROMPT
-    from swtool.tokenizer import encode
+    from swtool.model.tokenizer import encode
 
     squares: dict[tuple[int, str], torch.Tensor] = {}
 

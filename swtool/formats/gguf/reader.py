@@ -22,17 +22,17 @@ import gguf
 import numpy as np
 import torch
 
-from swtool.arch import Family, family_for
-from swtool.formats.base import Checkpoint, Rows
-from swtool.formats.gguf_check import check_gguf
-from swtool.config import ModelConfig, from_gguf
 from swtool.errors import SwtoolError
+from swtool.families import Family, family_for
+from swtool.families.config import ModelConfig, from_gguf
+from swtool.formats.base import STORAGE, Checkpoint, Rows
+from swtool.formats.gguf.check import check_gguf
 
 ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 EXPERT = re.compile(r"\.experts\.(\d+)\.")
 """A per-expert canonical name; llama.cpp stores `.experts.` merged across experts."""
 BLOCK = re.compile(r"blk\.(\d+)\.")
-STORED_FLOATS = {gguf.GGMLQuantizationType.F16: np.float16, gguf.GGMLQuantizationType.F32: np.float32}
+STORED_FLOATS = {qtype: STORAGE[qtype.name].numpy for qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)}
 """Tensor types read as they are stored (float16 stays float16 until load() converts it)."""
 
 
@@ -242,6 +242,6 @@ class GGUFCheckpoint(Checkpoint):
         return out
 
     def tokenizer_json(self) -> str:
-        from swtool.tokenizer import gguf_tokenizer_json
+        from swtool.formats.gguf.tokenizer import gguf_tokenizer_json
 
         return gguf_tokenizer_json(self.meta)

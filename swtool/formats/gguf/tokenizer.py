@@ -1,4 +1,4 @@
-"""Tokenizers for every checkpoint: `tokenizer.json` as shipped, or one rebuilt from GGUF metadata.
+"""A `tokenizers` pipeline rebuilt from a GGUF file's vocabulary metadata.
 
 A GGUF file embeds its vocabulary (`tokenizer.ggml.*`); we rebuild an
 equivalent `tokenizers` pipeline from it so that GGUF-only models tokenise
@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
-from swtool.formats.base import Checkpoint
 from swtool.errors import SwtoolError
 
 CONTROL, USER_DEFINED = 3, 4
@@ -96,19 +104,3 @@ def gguf_tokenizer_json(meta: dict[str, Any]) -> str:
             single=f"{bos_text} $A", pair=f"{bos_text} $A $B", special_tokens=[(bos_text, int(bos))]
         )
     return tok.to_str()
-
-
-def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
-    try:
-        return Tokenizer.from_str(checkpoint.tokenizer_json())
-    except Exception as exc:  # the tokenizers library raises bare Exceptions on malformed JSON
-        if isinstance(exc, SwtoolError):
-            raise
-        raise SwtoolError(f"{checkpoint.path}: tokenizer could not be loaded ({str(exc).splitlines()[0]})") from None
-
-
-def encode(checkpoint: Checkpoint, text: str) -> list[int]:
-    ids = load_tokenizer(checkpoint).encode(text).ids
-    if not ids:
-        raise SwtoolError("the prompt tokenizes to nothing")
-    return ids

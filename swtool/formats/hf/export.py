@@ -11,6 +11,7 @@ transformers computes the model swtool computes from the GGUF.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import json
 import math
 from pathlib import Path
@@ -19,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from swtool.arch import family_of
-from swtool.formats.base import Checkpoint
-from swtool.formats.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
-from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
+from swtool.families import family_of
+from swtool.families.config import ModelConfig
+from swtool.families.rope import llama3_rope_factors
+from swtool.formats.base import STORAGE_OF, Checkpoint
+from swtool.formats.hf.writer import PlannedTensor, ShardedWriter
 
 HF_CLASSES = {
     "llama": ("llama", "LlamaForCausalLM"),
@@ -114,7 +116,6 @@ def llama3_scaling(factors: torch.Tensor, config: ModelConfig) -> dict[str, Any]
     divisor lies between the two regimes, the thresholds are placed inside the gap. The result is
     checked by recomputing the divisors, and refused if they differ.
     """
-    from swtool.formats.gguf_out import llama3_rope_factors
 
     r = factors.double()
     if float((r - 1).abs().max()) < 1e-6:
@@ -161,7 +162,7 @@ def exported_names(checkpoint: Checkpoint) -> list[str]:
 def write_weights(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype, max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None) -> None:
     """Stream every HF-named tensor of `checkpoint`, cast to `dtype`, into safetensors shards in `directory`."""
     names = exported_names(checkpoint)
-    plan = [PlannedTensor(n, TORCH_TO_ST[dtype], checkpoint.shape(n)) for n in names]
+    plan = [PlannedTensor(n, STORAGE_OF[dtype].name, checkpoint.shape(n)) for n in names]
     writer = ShardedWriter(directory, plan, {"format": "pt", **(metadata or {})}, max_shard_bytes)
     for name in names:
         writer.write(name, checkpoint.load(name, torch.float32).to(dtype))
@@ -217,3 +218,29 @@ def export_hf(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype = torc
     config = config_json(checkpoint, dtype)
     write_weights(checkpoint, directory, dtype, max_shard_bytes, metadata)
     write_model_files(checkpoint, directory, dtype, config)
+
+
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Files copied from an HF source (and from a quantized directory when dequantizing)."""
+
+
+def copy_model_files(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype) -> None:
+    """config.json and tokenizer files: copied from an HF directory, produced from GGUF metadata otherwise."""
+    if checkpoint.path.is_dir():
+        for name in MODEL_FILES:
+            if (checkpoint.path / name).is_file():
+                shutil.copyfile(checkpoint.path / name, directory / name)
+    else:
+        write_model_files(checkpoint, directory, dtype)

@@ -11,7 +11,7 @@ as itself. The safetensors `__metadata__` carries (all values are strings; the
 `swtool.*` ones hold JSON):
   swtool.format          "swtool-rtn"
   swtool.format_version  "1"
-  swtool.codecs           {"bits", "block" (int | "channel" | "tensor"), "sym", "clip", "dtype"}
+  swtool.quant           {"bits", "block" (int | "channel" | "tensor"), "sym", "clip", "dtype"}
   swtool.super           [{"tensor", "row", "col", "value"}]   the side table, values exact fp16
   swtool.source          the MODEL path as given on the command line, resolved
   swtool.version, swtool.command, swtool.options, swtool.inputs   see swtool.provenance
@@ -25,16 +25,18 @@ from dataclasses import dataclass
 
 import torch
 
-from swtool.formats.safetensors_out import PlannedTensor
-from swtool.errors import SwtoolError
 from swtool.codecs.pack import packed_size
 from swtool.codecs.rtn import QuantizedTensor, block_length, check_bits, parse_block
+from swtool.errors import SwtoolError
+from swtool.formats.base import FLOATS, STORAGE
+from swtool.formats.hf.writer import PlannedTensor
 
 FORMAT = "swtool-rtn"
 VERSION = 1
 SUFFIXES = (".qcodes", ".qscale", ".qzero", ".qshape")
 CODES, SCALE, ZERO, SHAPE = SUFFIXES
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_NAMES = {str(STORAGE[name].torch).removeprefix("torch."): STORAGE[name].torch for name in FLOATS}
+"""The source dtypes recorded in swtool.quant, by torch's name."""
 
 
 def planned(name: str, shape: tuple[int, ...], bits: int, block: int | str) -> list[PlannedTensor]:
@@ -77,7 +79,7 @@ def metadata(bits: int, block: int | str, sym: bool, clip: str, dtype: torch.dty
     meta = {
         "swtool.format": FORMAT,
         "swtool.format_version": str(VERSION),
-        "swtool.codecs": json.dumps({"bits": bits, "block": block, "sym": sym, "clip": clip, "dtype": str(dtype).removeprefix("torch.")}),
+        "swtool.quant": json.dumps({"bits": bits, "block": block, "sym": sym, "clip": clip, "dtype": str(dtype).removeprefix("torch.")}),
         "swtool.super": json.dumps(table),
     }
     meta.update(provenance)  # swtool.version, .command, .options, .inputs (swtool.provenance), and swtool.source
@@ -94,7 +96,7 @@ def parse_header(meta: dict[str, str], where: str) -> Header:
     if meta.get("swtool.format_version") != str(VERSION):
         raise SwtoolError(f"{where}: swtool format version {meta.get('swtool.format_version')!r}; this swtool reads version {VERSION}")
     try:
-        quant = json.loads(meta["swtool.codecs"])
+        quant = json.loads(meta["swtool.quant"])
         table = json.loads(meta.get("swtool.super", "[]"))
         bits = check_bits(int(quant["bits"]))
         block = parse_block(str(quant["block"]))

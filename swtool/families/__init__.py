@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
+from swtool.families.config import ModelConfig
 
 LAYER_PREFIX = "model.layers.{layer}."
 
@@ -220,3 +220,16 @@ def family_for(model_type: str, num_experts: int = 0) -> Family:
         if model_type in family.model_types:
             return family
     raise SwtoolError(f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}")
+
+
+def linear_roles(family: Family, config: ModelConfig) -> list[str]:
+    """The roles of a layer that are projection matrices (2-D), as opposed to norms and biases."""
+    shapes = family.layer_shapes(config)
+    return [role for role in family.layer_tensors(config, 0) if len(shapes.get(role, ())) == 2]
+
+
+def linear_layers(config: ModelConfig) -> dict[str, int]:
+    """Canonical name -> layer of every projection matrix in every decoder layer."""
+    family = family_of(config)
+    roles = linear_roles(family, config)
+    return {name: i for i in range(config.num_layers) for role, name in family.layer_tensors(config, i).items() if role in roles}

@@ -1,0 +1,65 @@
+"""`swtool dequantize` as a library call: a quantized checkpoint (swtool-rtn or GGUF) back as an HF directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from swtool.errors import SwtoolError
+from swtool.formats.atomic import atomic_output, check_target
+from swtool.formats.base import Checkpoint
+from swtool.formats.hf.export import copy_model_files, export_hf, write_weights
+from swtool.formats.hf.writer import parse_size
+from swtool.formats.open import open_checkpoint
+from swtool.formats.rtn import layout
+from swtool.formats.rtn.reader import QuantizedCheckpoint
+from swtool.provenance import model_inputs, provenance
+from swtool.readahead import ReadAhead
+from swtool.workers import parallel_chunks
+
+
+def require_quantized(checkpoint: Checkpoint) -> QuantizedCheckpoint:
+    if not isinstance(checkpoint, QuantizedCheckpoint):
+        raise SwtoolError(f"{checkpoint.path}: neither a GGUF file nor a swtool-quantized checkpoint (no swtool.format in its safetensors metadata)")
+    return checkpoint
+
+
+def dequantize_to(
+    checkpoint: Checkpoint, directory: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, provenance: dict[str, str] | None = None
+) -> torch.dtype:
+    """Write a swtool-quantized checkpoint or a GGUF file as a standard HF directory; returns the dtype written.
+
+    A GGUF is dequantized tensor by tensor (Q/K un-permuted by the reader), fp16 unless asked otherwise.
+    """
+    if checkpoint.format == "gguf":
+        dtype = dtype or torch.float16
+        export_hf(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": "gguf", **(provenance or {})})
+        return dtype
+    checkpoint = require_quantized(checkpoint)
+    dtype = dtype or checkpoint.header.dtype
+    with parallel_chunks():
+        write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT, **(provenance or {})})
+    copy_model_files(checkpoint, directory, dtype)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return dtype
+
+
+def dequantize_model(
+    quantized: Path, output: Path, dtype: torch.dtype | None, dtype_option: str | None, max_shard_size: str, force: bool, ahead: ReadAhead | None = None
+) -> None:
+    """Check the options and the input, then write the HF directory atomically."""
+    max_bytes = parse_size(max_shard_size)
+    checkpoint = open_checkpoint(quantized)
+    if ahead is not None:
+        ahead.stop()
+    if checkpoint.format != "gguf":
+        require_quantized(checkpoint)
+    check_target(output, [quantized], force)
+    record = provenance("dequantize", {"dtype": dtype_option, "max_shard_size": max_shard_size}, model_inputs(checkpoint))
+    with atomic_output(output, directory=True, inputs=[quantized], force=force) as temp:
+        dequantize_to(checkpoint, temp, dtype, max_bytes, record)

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints: the safetensors reader, the sharded writer, and HF export (config and tokenizer files)."""

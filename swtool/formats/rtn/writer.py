@@ -1,0 +1,64 @@
+"""The swtool-rtn writer: every tensor streamed into safetensors shards, the chosen ones quantized (see layout)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from swtool.codecs.rtn import QuantSpec, quantize
+from swtool.formats.base import STORAGE_OF, Checkpoint, native_dtype
+from swtool.formats.hf.export import copy_model_files, exported_names
+from swtool.formats.hf.writer import PlannedTensor, ShardedWriter
+from swtool.formats.rtn import layout
+from swtool.workers import parallel_chunks
+
+Held = dict[str, list[tuple[int, int, float]]]
+"""Canonical tensor -> (row, col, fp16 value) of the weights held out of its quantization."""
+
+
+def write_rtn(
+    checkpoint: Checkpoint,
+    directory: Path,
+    spec: QuantSpec,
+    targets: list[str],
+    held: Held,
+    metadata: dict[str, str],
+    max_shard_bytes: int,
+    importance: dict[str, torch.Tensor],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """Write the swtool-rtn directory: model files plus shards; returns the --clip auto threshold chosen per tensor.
+
+    `importance` weights each input column's error for --clip auto (empty otherwise); `metadata`
+    is the provenance recorded beside the format's own keys.
+    """
+    names = exported_names(checkpoint)
+    wanted = set(targets)
+    dtype = native_dtype(checkpoint, targets[0]) if targets else torch.float16
+    plan: list[PlannedTensor] = []
+    for name in names:
+        if name in wanted:
+            plan += layout.planned(name, checkpoint.shape(name), spec.bits, spec.block)
+        else:
+            plan.append(PlannedTensor(name, STORAGE_OF[native_dtype(checkpoint, name)].name, checkpoint.shape(name)))
+    writer = ShardedWriter(directory, plan, layout.metadata(spec.bits, spec.block, spec.sym, str(spec.clip), dtype, held, metadata), max_shard_bytes)
+    thresholds: dict[str, float] = {}
+    with parallel_chunks():
+        for index, name in enumerate(names):
+            weight = checkpoint.load(name, native_dtype(checkpoint, name))
+            if name in wanted:
+                q = quantize(weight, spec, [(r, c) for r, c, _ in held.get(name, [])], importance.get(name))
+                del weight
+                if q.threshold is not None:
+                    thresholds[name] = q.threshold
+                for stored_name, tensor in layout.stored(name, q):
+                    writer.write(stored_name, tensor)
+            else:
+                writer.write(name, weight)
+            if progress:
+                progress(index + 1, len(names))
+    writer.close()
+    copy_model_files(checkpoint, directory, dtype)
+    return thresholds
