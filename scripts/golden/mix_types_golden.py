@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -86,10 +87,11 @@ SEVENTY_B_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
 
 
 def model(arch: str, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: int, tensors: list,
-          *, n_vocab: int = 32, n_expert: int = 0, n_ff_shexp: int = 0, mixes: tuple[str, ...] = ALL_MIXES) -> dict:
+          *, n_vocab: int = 32, n_expert: int = 0, n_ff_shexp: int = 0, imatrix: bool = False,
+          mixes: tuple[str, ...] = ALL_MIXES) -> dict:
     return {"arch": arch, "n_layer": n_layer, "n_embd": n_embd, "n_ff": n_ff, "n_head": n_head,
             "n_head_kv": n_head_kv, "n_vocab": n_vocab, "n_expert": n_expert, "n_ff_shexp": n_ff_shexp,
-            "tensors": tensors, "mixes": list(mixes)}
+            "imatrix": imatrix, "tensors": tensors, "mixes": list(mixes)}
 
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -107,6 +109,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "phi3_4l_qkv": model("phi3", 4, 256, 512, 4, 4, UNTIED + PHI3_LAYER),
     "llama_80l_gqa_70b": model("llama", 80, 256, 256, 8, 2, UNTIED + SLIM_LAYER, mixes=SEVENTY_B_MIXES),
     "llama_80l_mha_65b": model("llama", 80, 256, 256, 4, 4, UNTIED + SLIM_LAYER, mixes=("Q3_K_S", "Q4_K_S")),
+    "llama_16l_imatrix": model("llama", 16, 256, 256, 8, 2, UNTIED + LLAMA_LAYER, imatrix=True,
+                               mixes=("Q4_0", "Q5_0", "Q4_1", "Q4_K_M", "Q8_0")),
 }
 
 
@@ -162,11 +166,30 @@ def write_f16(desc: dict, path: Path) -> None:
 FALLBACK_WARNING = re.compile(r"warning: (\S+)\s+- ncols .*-> falling back to")
 
 
-def quantize(bin_dir: Path, src: Path, mix: str, out: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]], int, list[str]]:
+def write_imatrix(desc: dict, path: Path) -> None:
+    """A legacy-format importance matrix (all ones, one call) for every weight llama-quantize may quantize:
+    only its presence matters to the type rules."""
+    out = bytearray(struct.pack("<i", 0))
+    count = 0
+    for name, shape, _ in expand(desc):
+        if len(shape) < 2:
+            continue
+        values = int(np.prod(shape[:-2], dtype=np.int64)) * shape[-1]  # row length, once per expert
+        encoded = name.encode()
+        out += struct.pack("<i", len(encoded)) + encoded + struct.pack("<ii", 1, values)
+        out += np.ones(values, dtype="<f4").tobytes()
+        count += 1
+    out[:4] = struct.pack("<i", count)
+    out += struct.pack("<ii", 1, 0)  # chunk count, no dataset name
+    path.write_bytes(bytes(out))
+
+
+def quantize(bin_dir: Path, src: Path, mix: str, out: Path, imatrix: Path | None = None) -> tuple[dict[str, str], dict[str, tuple[int, ...]], int, list[str]]:
     """llama-quantize at one mix: (tensor -> type, tensor -> torch shape, general.file_type, tensors it warned about falling back)."""
     import gguf
 
-    run = subprocess.run([str(bin_dir / "llama-quantize"), str(src), str(out), mix, "1"],
+    options = ["--imatrix", str(imatrix)] if imatrix else []
+    run = subprocess.run([str(bin_dir / "llama-quantize"), *options, str(src), str(out), mix, "1"],
                          capture_output=True, text=True, check=False)
     if run.returncode != 0:
         sys.exit(f"llama-quantize {mix} failed on {src.name}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
@@ -203,11 +226,14 @@ def main() -> None:
         for name, desc in MODELS.items():
             src = Path(tmp) / f"{name}.gguf"
             write_f16(desc, src)
+            imatrix = Path(tmp) / f"{name}.imatrix.dat" if desc["imatrix"] else None
+            if imatrix:
+                write_imatrix(desc, imatrix)
             expanded = {n: shape for n, shape, _ in expand(desc)}
             names = list(expanded)
             results = {}
             for mix in desc["mixes"]:
-                types, shapes, file_type, fallbacks = quantize(bin_dir, src, mix, Path(tmp) / "out.gguf")
+                types, shapes, file_type, fallbacks = quantize(bin_dir, src, mix, Path(tmp) / "out.gguf", imatrix)
                 if shapes != expanded:
                     sys.exit(f"{name} {mix}: llama-quantize wrote other tensors than the description")
                 marked = [types[n] + ("!" if n in fallbacks else "") for n in names]

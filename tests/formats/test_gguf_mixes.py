@@ -45,13 +45,13 @@ def test_types_match_llama_quantize(model: str, mix: str) -> None:
     desc = GOLDEN["models"][model]
     tensors, facts = specs(desc)
     expected = desc["mixes"][mix]["types"].split()
-    plan = plan_mix(mix, tensors, facts)
+    plan = plan_mix(mix, tensors, facts, has_imatrix=desc["imatrix"])
     got = [plan.types[t.name].name + ("!" if any(f.name == t.name for f in plan.fallbacks) else "") for t in tensors]
     wrong = [f"{t.name}: {g} (llama-quantize {e})" for t, g, e in zip(tensors, got, expected) if g != e]
     assert not wrong, f"{len(wrong)} of {len(tensors)} differ: " + "; ".join(wrong[:8])
     assert int(plan.file_type) == desc["mixes"][mix]["file_type"]
     # llama-quantize visits tensors by layer whatever the file order, so its running counts do not depend on it
-    assert plan_mix(mix, tensors[::-1], facts).types == plan.types
+    assert plan_mix(mix, tensors[::-1], facts, has_imatrix=desc["imatrix"]).types == plan.types
 
 
 def test_golden_covers_the_rules_that_matter() -> None:
@@ -61,6 +61,8 @@ def test_golden_covers_the_rules_that_matter() -> None:
     everything = " ".join(r["types"] for desc in GOLDEN["models"].values() for r in desc["mixes"].values()).split()
     for marked in ("Q4_0!", "Q5_0!", "Q5_1!", "Q8_0!", "F16!", "Q6_K", "Q5_K", "Q8_0"):
         assert marked in everything, marked
+    with_imatrix = [desc["mixes"]["Q4_0"]["types"].split() for desc in GOLDEN["models"].values() if desc["imatrix"]]
+    assert with_imatrix and "Q4_1" in with_imatrix[0]
 
 
 def test_fallback_notes_name_tensor_and_types() -> None:
