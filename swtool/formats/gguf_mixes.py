@@ -24,9 +24,10 @@ ne[0] is the last entry.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
@@ -107,6 +108,20 @@ class ModelFacts:
         if self.n_layer != SEVENTY_B_LAYERS.get(self.arch):
             return False
         return self.arch != "llama" or self.n_head != self.n_head_kv  # llama's 80 layers without GQA are 65B
+
+
+def model_facts(arch: str, values: Mapping[str, Any]) -> ModelFacts:
+    """ModelFacts from GGUF key/values as plain Python values, read as llama.cpp's load_hparams reads them:
+    a per-layer head count array counts by its first entry, a missing head_count_kv means no GQA, a missing
+    expert_count a dense model."""
+    def first(key: str, default: int | None = None) -> int:
+        value = values.get(f"{arch}.{key}", default)
+        if value is None:
+            raise SwtoolError(f"GGUF metadata lacks {arch}.{key}, which llama-quantize needs to pick tensor types")
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+    n_head = first("attention.head_count", 0)
+    return ModelFacts(arch, first("block_count"), n_head, first("attention.head_count_kv", n_head), first("expert_count", 0))
 
 
 SEVENTY_B_LAYERS = {"llama": 80, "qwen2": 80, "deci": 80, "olmo": 80, "jais2": 68}

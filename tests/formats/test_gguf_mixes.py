@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
 from pathlib import Path
 
+import gguf
 import pytest
 from gguf import GGMLQuantizationType as T
 
@@ -21,6 +25,7 @@ from swtool.formats.gguf_mixes import (
     ModelFacts,
     TensorSpec,
     ggml_n_dims,
+    model_facts,
     parse_mix,
     plan_mix,
 )
@@ -31,6 +36,7 @@ _spec = importlib.util.spec_from_file_location("mix_types_golden", ROOT / "scrip
 generator = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(generator)
 
+BIN = os.environ.get("SWTOOL_LLAMA_CPP")
 CASES = [(model, mix) for model, desc in GOLDEN["models"].items() for mix in desc["mixes"]]
 
 
@@ -96,3 +102,26 @@ def test_one_row_weights_count_as_1d() -> None:
     facts = ModelFacts("llama", 1, 4, 4)
     plan = plan_mix("Q4_K_M", [TensorSpec("blk.0.x.weight", (1, 256), T.F16), TensorSpec("output.weight", (256, 1), T.F16)], facts)
     assert plan.types == {"blk.0.x.weight": T.F16, "output.weight": T.F16}
+
+
+DRY_RUN_LINE = re.compile(r"^\[\s*\d+/\s*\d+\] (\S+)\s+- \[[^]]*\], type =\s*(\w+), size =[^(\n]*(?:\((\w+)\))?$", re.MULTILINE)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.skipif(not BIN, reason="SWTOOL_LLAMA_CPP is not set (the llama.cpp build/bin folder with llama-quantize)")
+def test_real_model_types_match_llama_quantize_dry_run(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """SmolLM2 (30 layers, rows of 576, tied, GQA 3) read from its GGUF: llama-quantize --dry-run at every mix."""
+    reader = gguf.GGUFReader(str(smollm2_gguf))
+    arch = reader.fields["general.architecture"].contents()
+    values = {key: field.contents() for key, field in reader.fields.items() if key.startswith(f"{arch}.")}
+    facts = model_facts(arch, values)
+    tensors = [TensorSpec(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type) for t in reader.tensors]
+    for mix in MIXES:
+        run = subprocess.run(
+            [str(Path(BIN) / "llama-quantize"), "--allow-requantize", "--dry-run", str(smollm2_gguf), str(tmp_path / "x.gguf"), mix, "1"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 0, run.stderr[-2000:]
+        expected = {name: (new or old).upper() for name, old, new in DRY_RUN_LINE.findall(run.stdout + run.stderr)}
+        assert len(expected) == len(tensors)
+        got = {name: qtype.name for name, qtype in plan_mix(mix, tensors, facts).types.items()}
+        assert got == expected, mix
