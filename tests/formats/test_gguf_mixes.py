@@ -125,3 +125,19 @@ def test_real_model_types_match_llama_quantize_dry_run(smollm2_gguf: Path, tmp_p
         assert len(expected) == len(tensors)
         got = {name: qtype.name for name, qtype in plan_mix(mix, tensors, facts).types.items()}
         assert got == expected, mix
+
+
+def test_model_facts_read_gguf_key_values_as_llama_cpp_does() -> None:
+    facts = model_facts("llama", {"llama.block_count": 30, "llama.attention.head_count": [9] * 30,
+                                  "llama.attention.head_count_kv": [3] * 30})
+    assert (facts.n_layer, facts.gqa, facts.n_expert) == (30, 3, 0)
+    assert model_facts("qwen2moe", {"qwen2moe.block_count": 2, "qwen2moe.attention.head_count": 4,
+                                    "qwen2moe.expert_count": 60}).gqa == 1  # no head_count_kv: as many as heads
+    with pytest.raises(SwtoolError, match="llama.block_count"):
+        model_facts("llama", {"llama.attention.head_count": 4})
+
+
+def test_moe_ffn_down_outside_a_layer_is_a_clear_error() -> None:
+    facts = ModelFacts("llama", 2, 4, 4, n_expert=8)
+    with pytest.raises(SwtoolError, match="cannot tell its layer"):
+        plan_mix("Q4_K_M", [TensorSpec("blk.5.ffn_down_exps.weight", (8, 256, 256), T.F16)], facts)
