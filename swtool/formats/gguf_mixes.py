@@ -35,6 +35,7 @@ from swtool.errors import SwtoolError
 
 T = GGMLQuantizationType
 LLAMA_CPP_VERSION = "b11434"
+"""The llama.cpp release these rules restate; the golden fixture records the release that made it."""
 
 
 # ---- the mixes: name -> (general.file_type, default tensor type) -------------------------------
@@ -246,7 +247,7 @@ MOE8_ATTN_OUTPUT_Q5_K = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
 # (category, mix) -> rule, in llama_tensor_get_type_impl's order for that category (b11434).
 # The arch-wide overrides after these rows (70B attn_v, 8-expert attn_v/attn_k) are in `rule_type`.
 RULES: dict[tuple[Cat, str], Rule] = {
-    # attn_v, fused attn_qkv and attn_kv_b (i counts them in file order)
+    # attn_v, fused attn_qkv and attn_kv_b (i counts them in quantize_order)
     (Cat.ATTN_V, "Q2_K"): lambda at: T.Q4_K if at.model.gqa >= 4 else T.Q3_K,
     (Cat.ATTN_V, "Q3_K_M"): lambda at: T.Q5_K if at.i < 2 else T.Q4_K,
     (Cat.ATTN_V, "Q3_K_L"): lambda at: T.Q5_K,

@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType as T
 
 from swtool.errors import SwtoolError
 from swtool.formats.gguf_mixes import (
+    LLAMA_CPP_VERSION,
     MIXES,
     ModelFacts,
     TensorSpec,
@@ -62,6 +63,7 @@ def test_types_match_llama_quantize(model: str, mix: str) -> None:
 
 def test_golden_covers_the_rules_that_matter() -> None:
     """The golden must exercise every mix, the K-quant fallbacks and the bumps, or matching it proves little."""
+    assert GOLDEN["llama_cpp"] == LLAMA_CPP_VERSION
     mixes = {mix for desc in GOLDEN["models"].values() for mix in desc["mixes"]}
     assert mixes == set(MIXES)
     everything = " ".join(r["types"] for desc in GOLDEN["models"].values() for r in desc["mixes"].values()).split()
