@@ -6,7 +6,10 @@ as llama.cpp does, picks its GGML type, and gathers the key/values. Pass two
 gguf-py's low-level calls, then loads, permutes, encodes and writes one tensor
 at a time (never `GGUFWriter.add_tensor`, which keeps every array until the end).
 
-Type choice for `--type T`, following llama-quantize where it applies:
+Type choice for a K-quant mix (Q4_K_M...): exactly llama-quantize's, from
+swtool.formats.gguf_mixes (the library accepts the mixes; the CLI does not yet,
+as the K-quant codecs are not wired in). Type choice for `--type T`, following
+llama-quantize where it applies:
 - 1-D tensors (norms, biases) stay F32;
 - with a block type T, the output projection (the token embedding when tied)
   is Q8_0: llama-quantize writes Q6_K there when the row length is a multiple
@@ -50,12 +53,16 @@ from swtool.families import family_for
 from swtool.families.rope import llama3_rope_factors
 from swtool.formats.base import Checkpoint, Held, float_dtype
 from swtool.formats.gguf.metadata import Metadata, model_metadata
+from swtool.formats.gguf.mixes import MIXES, TensorSpec, model_facts, plan_mix
 from swtool.formats.gguf.reader import ARCH_BY_NAME, EXPERT, permute_qk, qk_heads
 from swtool.workers import parallel_chunks
 
 SUPER_TYPES = ("Q8_0", "F16")
-PRECISION = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.BF16, QType.F16, QType.F32)
+PRECISION = (QType.Q2_K, QType.Q3_K, QType.Q4_0, QType.Q4_K, QType.Q4_1, QType.Q5_0, QType.Q5_K, QType.Q5_1, QType.Q6_K,
+             QType.Q8_0, QType.BF16, QType.F16, QType.F32)
 """Types from least to most precise (BF16 has fewer mantissa bits than F16)."""
+K_MIXES = tuple(name for name in MIXES if name not in TYPES)
+"""llama-quantize's K-quant mixes: their per-tensor types come from swtool.formats.gguf_mixes."""
 BLOCK_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0)
 FILE_TYPES = {
     QType.F32: LlamaFileType.ALL_F32,
@@ -181,18 +188,27 @@ def plan_gguf(
     provenance: dict[str, str] | None = None,
 ) -> GGUFPlan:
     """Every tensor's GGUF name, shape and type, and every key/value, from headers alone."""
-    base = parse_type(type_name)
+    mix = MIXES[type_name.upper()] if type_name.upper() in K_MIXES else None
+    base = mix.default if mix else parse_type(type_name)
     protect = parse_type(super_type, "--super-type", SUPER_TYPES) if keep_super else None
     arch = gguf_arch(checkpoint)
     family = family_for(checkpoint.config.model_type, checkpoint.config.num_experts)
     holders = {w.tensor for w in super_weights}
     metadata, notes = model_metadata(checkpoint, arch)
-    tensors: list[GGUFTensor] = []
+    entries = []
     for name, sources in gguf_names(checkpoint, arch).items():
+        stacked = tuple(sources) if expert_index(sources[0]) >= 0 else ()
+        shape = (len(stacked), *checkpoint.shape(sources[0])) if stacked else tuple(checkpoint.shape(sources[0]))
+        entries.append((name, sources, stacked, shape))
+    mixed = mix_types(checkpoint, arch, metadata, entries, mix.name, notes) if mix else {}
+    tensors: list[GGUFTensor] = []
+    for name, sources, stacked, shape in entries:
         source = sources[0]
-        stacked = tuple(sources) if expert_index(source) >= 0 else ()
-        shape = (len(stacked), *checkpoint.shape(source)) if stacked else tuple(checkpoint.shape(source))
-        qtype = choose_type(shape, base, is_head(source, checkpoint), protect if holders.intersection(sources) else None)
+        upgrade = protect if holders.intersection(sources) else None
+        if mix:
+            qtype = mixed[name] if upgrade is None or PRECISION.index(upgrade) <= PRECISION.index(mixed[name]) else upgrade
+        else:
+            qtype = choose_type(shape, base, is_head(source, checkpoint), upgrade)
         if not can_encode(shape, qtype):
             notes.append(
                 f"{name}: row length {shape[-1]} is not a multiple of the {qtype.name} block size "
@@ -203,13 +219,29 @@ def plan_gguf(
         tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source), offset, stacked=stacked))
     for name, values in (rope_tensors(checkpoint.config) if checkpoint.format != "gguf" else {}).items():
         tensors.append(GGUFTensor(name, name, tuple(values.shape), QType.F32, values=values))
-    metadata["general.file_type"] = GGUFValue(int(FILE_TYPES[base]), GGUFValueType.UINT32)
+    metadata["general.file_type"] = GGUFValue(int(mix.file_type if mix else FILE_TYPES[base]), GGUFValueType.UINT32)
     metadata["general.quantization_version"] = GGUFValue(gguf.GGML_QUANT_VERSION, GGUFValueType.UINT32)
     if keep_super and super_weights:
         metadata.update(super_weight_metadata(checkpoint, tensors, super_weights, super_type.upper()))
     for key, value in (provenance or {}).items():  # swtool.provenance's fields, stored as they are named
         metadata[key] = GGUFValue(value, GGUFValueType.STRING)
     return GGUFPlan(arch, base, tensors, metadata, notes)
+
+
+def mix_types(checkpoint: Checkpoint, arch: str, metadata: Metadata, entries: list, mix: str, notes: list[str]) -> dict[str, QType]:
+    """Each tensor's type at a K-quant mix, as llama-quantize would pick it from the F16 file llama.cpp's
+    converter makes of this checkpoint (or from this GGUF), with its fallback notes appended to `notes`.
+
+    The converter stores what llama-quantize never quantizes (1-D tensors, norms, MoE routers) as F32,
+    so an HF input's stored type is F32 for the rules' purpose; a GGUF input's is its own."""
+    facts = model_facts(arch, {key: value.value for key, value in metadata.items()})
+    specs = [
+        TensorSpec(name, shape, QType[checkpoint.stored_dtype(sources[0])] if checkpoint.format == "gguf" else QType.F32)
+        for name, sources, _, shape in entries
+    ]
+    plan = plan_mix(mix, specs, facts)
+    notes.extend(plan.notes)
+    return plan.types
 
 
 def rope_tensors(config) -> dict[str, torch.Tensor]:
