@@ -18,7 +18,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from typer.core import TyperCommand
 
-from swtool import readahead
+from swtool.formats.open import prefetch
 from swtool.errors import SwtoolError
 
 app = typer.Typer(
@@ -143,7 +143,7 @@ def scan(
     """Stream a checkpoint layer by layer and report its super activations and super weights."""
 
     def run() -> int:
-        ahead = readahead.start(models[0])  # the disk works while torch imports; stopped once the checkpoint is open
+        ahead = prefetch(models[0])  # the disk works while torch imports; stopped once the checkpoint is open
         from swtool import directory as sw_directory
         from swtool.report import progress_bar, render_expected, render_scan
         from swtool.scan import check_device, scan_model
@@ -230,7 +230,7 @@ def quantize(
     """Round-to-nearest block quantization, streamed tensor by tensor, with super weights held out."""
 
     def run() -> int:
-        ahead = readahead.start(model)
+        ahead = prefetch(model)
         from swtool.quantize import QuantizeRequest, quantize_model
         from swtool.report import progress_bar, render_quantize
 
@@ -272,7 +272,7 @@ def eval_(
     """Perplexity of MODEL on a text, streamed layer by layer (GPTQ-style non-overlapping windows)."""
 
     def run() -> int:
-        ahead = readahead.start(model)
+        ahead = prefetch(model)
         from swtool.ablation import EditPlan
         from swtool.evaluate import Options, evaluate_model
         from swtool.report import progress_bar, render_eval
@@ -314,7 +314,7 @@ def dequantize(
     """Write a quantized checkpoint (swtool's, or a GGUF) back as a standard Hugging Face checkpoint."""
 
     def run() -> int:
-        ahead = readahead.start(quantized)
+        ahead = prefetch(quantized)
         from swtool.dequantize import dequantize_model
 
         dequantize_model(quantized, output, torch_dtype(dtype) if dtype is not None else None, dtype, max_shard_size, force, ahead)
@@ -338,7 +338,7 @@ def edit(
     """Write a copy of MODEL with its super weights zeroed or scaled, or its other outliers pruned, streamed."""
 
     def run() -> int:
-        ahead = readahead.start(model)
+        ahead = prefetch(model)
         from swtool.ablation import EditPlan
         from swtool.edit import edit_model
         from swtool.report import render_edit

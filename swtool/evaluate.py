@@ -39,7 +39,8 @@ from swtool.errors import SwtoolError
 from swtool.families import family_of, linear_layers, linear_roles
 from swtool.formats.base import Checkpoint, Held
 from swtool.formats.open import open_checkpoint
-from swtool.model.forward import HEAD_CHUNK_ROWS, InputHook, LayerStream, MlpHook
+from swtool.model.forward import InputHook, LayerStream, MlpHook
+from swtool.model.stream import HEAD_CHUNK_ROWS
 from swtool.model.tokenizer import load_tokenizer
 from swtool.readahead import ReadAhead
 from swtool.supers import find_super_weights

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from swtool import readahead
+from swtool.formats import open as formats_open
+from swtool.formats.hf.header import layer_spans, read_shards
 
 
 def sharded(directory, shards: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -32,7 +34,7 @@ def test_spans_cover_every_tensor_once_in_layer_order(tmp_path):
     first = {n: tensors[n] for n in names[:5]} | {"model.embed_tokens.weight": tensors["model.embed_tokens.weight"]}
     second = {n: t for n, t in tensors.items() if n not in first}
     sharded(tmp_path, {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second})
-    spans = readahead._spans(tmp_path)
+    spans = layer_spans(read_shards(tmp_path))
     needed = {n: t for n, t in tensors.items() if n != "model.embed_tokens.weight"}  # a separate head: only a few embedding rows are read
     assert sum(stop - start for _, start, stop in spans) == sum(t.numel() * 2 for t in needed.values())
     # each byte range maps back to tensors; the layers they hold never go backwards
@@ -48,14 +50,32 @@ def test_spans_cover_every_tensor_once_in_layer_order(tmp_path):
     tied = tmp_path / "tied"
     tied.mkdir()
     save_file({"model.embed_tokens.weight": tensors["model.embed_tokens.weight"]}, tied / "model.safetensors")
-    assert sum(stop - start for _, start, stop in readahead._spans(tied)) == 7 * 5 * 2  # tied: the embedding is the head
+    assert sum(stop - start for _, start, stop in layer_spans(read_shards(tied))) == 7 * 5 * 2  # tied: the embedding is the head
     assert len(spans) < len(tensors)  # neighbours in a file are merged into one range
 
 
-def test_a_gguf_file_is_one_range(tmp_path):
+def test_a_gguf_file_is_one_range(tmp_path, monkeypatch):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGUF" + bytes(100))
-    assert readahead._spans(path) == [(path, 0, 104)]
+    asked = []
+    monkeypatch.setattr(readahead, "ReadAhead", lambda spans: asked.append(spans))
+    formats_open.prefetch(path)
+    assert asked == [[(path, 0, 104)]]
+
+
+def test_prefetch_hands_its_parsed_headers_to_the_reader(tmp_path, monkeypatch):
+    """Format detection and the reader take the headers the read-ahead parsed: each file's header is read once."""
+    save_file({"model.embed_tokens.weight": torch.zeros(7, 5)}, tmp_path / "model.safetensors")
+    calls = []
+    real = formats_open.read_shards
+    monkeypatch.setattr(formats_open, "read_shards", lambda path: calls.append(path) or real(path))
+    formats_open.prefetch(tmp_path).stop()
+    assert formats_open._PARSED[tmp_path].entries.keys() == {"model.embed_tokens.weight"}
+    try:
+        formats_open._open(tmp_path)  # no config.json: the reader refuses it, but after taking the parsed headers
+    except Exception:
+        pass
+    assert calls == [tmp_path] and tmp_path not in formats_open._PARSED
 
 
 def test_unreadable_input_ends_the_thread_quietly(tmp_path, monkeypatch):
@@ -67,10 +87,12 @@ def test_unreadable_input_ends_the_thread_quietly(tmp_path, monkeypatch):
     header = b"[1, 2]"
     (listed / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)  # JSON, but not a header
     for model in (tmp_path, listed, tmp_path / "missing"):
-        ahead = readahead.start(model)
-        assert ahead.thread is not None
-        ahead.thread.join(timeout=10)
-        assert not ahead.thread.is_alive()
+        ahead = formats_open.prefetch(model)  # a header the checks refuse reads nothing ahead; open reports it
+        assert ahead.thread is None
+    vanished = tmp_path / "vanished.gguf"
+    ahead = readahead.start([(vanished, 0, 100)])  # a file gone by the time the thread opens it
+    ahead.thread.join(timeout=10)
+    assert not ahead.thread.is_alive()
     assert errors == []
 
 
@@ -84,7 +106,7 @@ def test_stop_ends_the_read_ahead(tmp_path, monkeypatch):
         release.wait(10)  # hold the first call until stop() has been asked
 
     monkeypatch.setattr(readahead.os, "posix_fadvise", advise)
-    ahead = readahead.start(path)
+    ahead = readahead.start([(path, 0, 64 << 20)])
     ahead.stop()
     release.set()
     ahead.thread.join(timeout=10)

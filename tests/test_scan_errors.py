@@ -88,7 +88,7 @@ def test_corrupt_gguf(tmp_path):
 def test_index_naming_a_missing_shard(good_model, tmp_path):
     model = copy_model(good_model, tmp_path)
     (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
-    from swtool.formats.hf.reader import read_header
+    from swtool.formats.hf.header import read_header
 
     names = read_header(model / "model-00001-of-00002.safetensors")[0]
     weight_map = {name: "model-00001-of-00002.safetensors" for name in names}

@@ -24,47 +24,14 @@ import numpy as np
 import torch
 
 from swtool.errors import SwtoolError
+from swtool.formats.dtypes import FLOATS, STORAGE, Storage
 from swtool.families import Family, family_of
 from swtool.families.config import ModelConfig
 
 Rows = slice | Sequence[int] | np.ndarray | None
 
 
-@dataclass(frozen=True)
-class Storage:
-    """One element type as files store it: the name safetensors and GGUF spell it with, how its raw
-    bytes are viewed in numpy (bfloat16 as little-endian uint16, numpy has no bfloat16), torch's dtype."""
-
-    name: str
-    numpy: np.dtype
-    torch: torch.dtype
-
-    @property
-    def size(self) -> int:
-        return self.numpy.itemsize
-
-
-STORAGE: dict[str, Storage] = {
-    s.name: s
-    for s in (
-        Storage("F64", np.dtype("<f8"), torch.float64),
-        Storage("F32", np.dtype("<f4"), torch.float32),
-        Storage("F16", np.dtype("<f2"), torch.float16),
-        Storage("BF16", np.dtype("<u2"), torch.bfloat16),
-        Storage("I64", np.dtype("<i8"), torch.int64),
-        Storage("I32", np.dtype("<i4"), torch.int32),
-        Storage("I16", np.dtype("<i2"), torch.int16),
-        Storage("I8", np.dtype("i1"), torch.int8),
-        Storage("U8", np.dtype("u1"), torch.uint8),
-        Storage("BOOL", np.dtype("?"), torch.bool),
-    )
-}
-"""The one table of element types, by their safetensors/GGUF name."""
-
 STORAGE_OF: dict[torch.dtype, Storage] = {s.torch: s for s in STORAGE.values()}
-
-FLOATS = ("F32", "F16", "BF16")
-"""The float types a model's weights are stored in and computed from."""
 
 
 def float_dtype(stored: str, default: torch.dtype) -> torch.dtype:

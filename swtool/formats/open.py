@@ -10,10 +10,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swtool.errors import SwtoolError
+from swtool import readahead
+from swtool.formats.hf.header import Shards, layer_spans, read_shards
 from swtool.formats.pickles import PICKLE_SUFFIXES, pickle_refusal
+from swtool.readahead import ReadAhead
 
 if TYPE_CHECKING:  # importing the readers pulls in torch; `swtool.formats.atomic` users need none of it
     from swtool.formats.base import Checkpoint
+
+_PARSED: dict[Path, Shards] = {}
+"""Headers `prefetch` parsed for the read-ahead, handed to the reader that `open_checkpoint` makes next."""
+
+
+def prefetch(path: str | Path) -> ReadAhead:
+    """Start reading a model ahead (before torch is imported), from its parsed headers.
+
+    Best effort: a path that cannot be parsed reads nothing ahead, and `open_checkpoint` reports why.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            shards = read_shards(path)
+            _PARSED[path] = shards
+            return readahead.start(layer_spans(shards))
+        if path.is_file():  # GGUF: llama.cpp writes it in layer order, so one range
+            return readahead.start([(path, 0, path.stat().st_size)])
+    except (SwtoolError, OSError):
+        pass
+    return readahead.start([])
+
 
 def open_checkpoint(path: str | Path, allow_nonfinite: bool = False) -> Checkpoint:
     """Open lazily; refuse damaged files, configs that disagree with the tensors and (as they load) NaN/Inf weights."""
@@ -31,12 +56,15 @@ def _open(path: Path) -> Checkpoint:
     if path.is_dir():
         from swtool.formats.hf.reader import SafetensorsCheckpoint
         from swtool.formats.rtn.layout import is_quantized
-        from swtool.formats.rtn.reader import QuantizedCheckpoint, directory_metadata
+        from swtool.formats.rtn.reader import QuantizedCheckpoint
 
-        metadata = directory_metadata(path)
-        if is_quantized(metadata):
-            return QuantizedCheckpoint(path, metadata)
-        return SafetensorsCheckpoint(path)
+        try:
+            shards = _PARSED.pop(path, None) or read_shards(path)
+        except SwtoolError:  # let the reader report it, config.json first, as it always has
+            return SafetensorsCheckpoint(path)
+        if is_quantized(shards.metadata):
+            return QuantizedCheckpoint(path, shards)
+        return SafetensorsCheckpoint(path, shards)
     if path.suffix in PICKLE_SUFFIXES:
         raise pickle_refusal(path)
     with path.open("rb") as fh:

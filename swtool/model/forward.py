@@ -17,17 +17,16 @@ sent to that expert; the other tokens' rows of the input and output are zero.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from swtool import native, workers
 from swtool.errors import SwtoolError
-from swtool.families import Family, family_of
 from swtool.families.rope import apply_rope, inverse_frequencies
-from swtool.formats.base import Checkpoint, float_dtype
+from swtool.formats.base import Checkpoint
+from swtool.model.stream import SMALL_BATCH_ROWS, WeightStream
 
 MlpHook = Callable[..., torch.Tensor | None]
 """(layer, down_proj input (B,T,I), down_proj output (B,T,H)[, expert=E, routed=mask]) -> replacement output or None."""
@@ -35,23 +34,8 @@ MlpHook = Callable[..., torch.Tensor | None]
 InputHook = Callable[[int, str, torch.Tensor], torch.Tensor]
 """(layer, role such as "q", "down" or "down.3", input of that linear layer) -> the input to use (e.g. fake-quantized)."""
 
-HEAD_CHUNK_ROWS = 8192
-"""Vocabulary rows of the LM head loaded at once: bounds memory for 128k-token vocabularies."""
-
-SMALL_BATCH_ROWS = 48
-"""Up to this many input rows, 16-bit weights are multiplied in place by swtool's C kernel, which
-costs less CPU than converting them (about 20 ms per 5632x2048 bf16 matrix on one core) plus
-torch's fp32 product. Measured on one AVX-512 core, median of 7: at 11 rows 6-8 ms against
-15 + 20 ms; at 48 rows 18-19 ms (AVX-512 build) or 21-25 ms (AVX2 build) against 16-18 + 20 ms;
-at 64 rows the 2048x5632 shape takes 31 ms against 15 + 20 ms. See `LayerStream.expect_rows`."""
-
 PRODUCT_BAND_ROWS = 512
-
-HALF_TYPES = ("BF16", "F16")
-"""Stored types whose matrices may stay in 16 bits for the C product kernel."""
 """Weight rows per work item of `product`: enough work (~1 M weights) to amortise a hand-off to a worker."""
-
-"""Storage types a matrix may stay in for the products (stored_dtype spelling -> torch dtype)."""
 
 LAYER_NORM_EPS = 1e-5
 """OLMo's parameter-free LayerNorm uses a fixed epsilon (its config has none)."""
@@ -103,7 +87,7 @@ def causal_mask(length: int, window: int | None, device: torch.device) -> torch.
     return allowed
 
 
-class LayerStream:
+class LayerStream(WeightStream):
     """A checkpoint walked one layer at a time on a device, computing in one dtype (matrices may stay
     in their 16-bit storage type for small batches, see `expect_rows`)."""
 
@@ -114,50 +98,14 @@ class LayerStream:
         device: str = "cpu",
         input_hook: InputHook | None = None,
     ):
-        self.checkpoint = checkpoint
+        super().__init__(checkpoint, dtype, device)
         self.input_hook = input_hook
-        self.config = checkpoint.config
-        self.family: Family = family_of(self.config)
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.keep_16bit = False
-        """Whether matrices stored in 16 bits load as they are (for `product`); see `expect_rows`."""
         self.activation = ACTIVATIONS[self.family.activation]
         self.rope_freqs = checkpoint.load("rope_freqs.weight") if checkpoint.has("rope_freqs.weight") else None
         self.inv_freq, self.attention_factor = inverse_frequencies(self.config, self.rope_freqs)
         self.local_inv_freq = None
         if self.config.local_rope_theta is not None and self.config.sliding_window:
             self.local_inv_freq, _ = inverse_frequencies(self.config, theta=self.config.local_rope_theta)
-        self._check_globals()
-
-    def _check_globals(self) -> None:
-        names = self.family.global_tensors(self.config)
-        for role, name in names.items():
-            if not self.checkpoint.has(name):
-                raise SwtoolError(f"{self.checkpoint.path}: tensor {name} ({role}) is missing")
-        self.checkpoint.check_shape(names["embed"], (self.config.vocab_size, self.config.hidden_size))
-        self.checkpoint.check_shape(names["head"], (self.config.vocab_size, self.config.hidden_size))
-
-    def expect_rows(self, rows: int) -> None:
-        """Say how many input rows (batch x tokens) the coming layers will run; loads started from now on follow it.
-
-        A few rows (a prompt and its variants) make the products bound by memory traffic, so
-        matrices stored in bf16/fp16 then stay in 16 bits and `product` reads them in place:
-        half the memory for a layer and no conversion by the loaders. Many rows make them
-        bound by arithmetic, where torch's float32 products are faster. Only on the CPU in
-        float32 with the vectorised C kernel; otherwise everything loads in the compute dtype.
-        """
-        on_cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        self.keep_16bit = on_cpu_fp32 and native.product_kernels() is not None and rows <= SMALL_BATCH_ROWS
-
-    def _load_dtype(self, name: str) -> torch.dtype:
-        if self.keep_16bit and len(self.checkpoint.shape(name)) == 2:
-            stored = self.checkpoint.stored_dtype(name)
-            return float_dtype(stored, self.dtype) if stored in HALF_TYPES else self.dtype
-        return self.dtype
-
-    def _get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.checkpoint.load(name, self._load_dtype(name), out=out).to(self.device)
 
     # -- pieces -----------------------------------------------------------------
 
@@ -170,46 +118,6 @@ class LayerStream:
         if self.family.embed_scale:  # Gemma: the scale is rounded to the compute dtype first, as transformers does
             rows = rows * torch.tensor(self.config.hidden_size**0.5, dtype=self.dtype)
         return rows.to(self.device)[inverse]
-
-    def _layer_names(self, layer: int) -> dict[str, str]:
-        """Role -> tensor name of one layer, each checked to exist with the shape the config implies."""
-        names = self.family.layer_tensors(self.config, layer)
-        shapes = self.family.layer_shapes(self.config)
-        for role, name in names.items():
-            if not self.checkpoint.has(name):
-                raise SwtoolError(f"{self.checkpoint.path}: tensor {name} (layer {layer}) is missing")
-            self.checkpoint.check_shape(name, shapes[role])
-        return names
-
-    def layer_weights(self, layer: int, reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """One layer's tensors by role. `reuse`: another layer's weights, whose buffers are
-        refilled where the format allows (twice as fast as fresh memory) and taken out of
-        `reuse` one by one, so each old tensor is freed as soon as its role is loaded."""
-        spare = reuse if reuse is not None else {}
-        return {role: self._get(name, spare.pop(role, None)) for role, name in self._layer_names(layer).items()}
-
-    def walk(self, start: int = 0, loaders: int = 2) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """Each layer from `start` with its weights, the next layer loading meanwhile on `loaders` threads.
-
-        Reading and converting a layer (bf16 -> fp32 runs at about 1 GB/s on one core)
-        overlaps the caller's work on the previous one, and the tensors of a layer load
-        in parallel. Two layers' buffers take turns: the weights yielded for a layer are
-        valid until the caller asks for the next one. Memory is two layers plus activations.
-        """
-        layers = self.layers(start)
-        with ThreadPoolExecutor(loaders, thread_name_prefix="swtool-load") as pool:
-
-            def submit(layer: int, reuse: dict[str, torch.Tensor]) -> dict[str, Future]:
-                return {role: pool.submit(self._get, name, reuse.pop(role, None)) for role, name in self._layer_names(layer).items()}
-
-            pending = submit(layers[0], {}) if layers else {}
-            previous: dict[str, torch.Tensor] = {}
-            for index, layer in enumerate(layers):
-                weights = {role: future.result() for role, future in pending.items()}
-                if index + 1 < len(layers):
-                    pending = submit(layers[index + 1], previous)
-                yield layer, weights
-                previous = weights
 
     def is_sliding(self, layer: int) -> bool:
         c = self.config
@@ -343,18 +251,7 @@ class LayerStream:
         names = self.family.global_tensors(self.config)
         return self.norm(h, self._get(names["final_norm"]) if "final_norm" in names else None)
 
-    def head_chunks(self, dtype: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
-        """The LM head's rows in chunks of the vocabulary (HEAD_CHUNK_ROWS), each loaded as its turn comes:
-        a large vocabulary's head is never whole in memory."""
-        name = self.family.global_tensors(self.config)["head"]
-        for start in range(0, self.config.vocab_size, HEAD_CHUNK_ROWS):
-            rows = slice(start, min(start + HEAD_CHUNK_ROWS, self.config.vocab_size))
-            yield rows, self.checkpoint.load(name, dtype, rows=rows).to(self.device)
-
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """Gemma-2's final logit soft-capping (cap * tanh(logits / cap)); the logits as they are elsewhere."""
         cap = self.config.final_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
-
-    def layers(self, start: int = 0) -> Sequence[int]:
-        return range(start, self.config.num_layers)

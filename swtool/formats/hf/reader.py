@@ -1,9 +1,6 @@
 """Hugging Face directories: `config.json` plus one safetensors file or an indexed set of shards.
 
-We parse and check the safetensors header ourselves (it is 8 bytes of length
-and a JSON document) instead of trusting it: files come from strangers, and a
-hostile header must produce a clear error, not an allocation of gigabytes.
-Tensor bytes are then read with plain file reads, not through a memory map:
+Headers are parsed and checked once, in `header.py`; tensor bytes are then read with plain file reads, not through a memory map:
 every page of a map that has been touched counts in the process's resident set
 until the map goes, so a scan through maps grew to the size of the whole model
 (see bench/scan_bench.py); reads keep it at one tensor.
@@ -11,13 +8,8 @@ until the map goes, so a scan through maps grew to the size of the whole model
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-import struct
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,172 +19,20 @@ import torch
 from swtool.errors import SwtoolError
 from swtool.families.config import from_hf
 from swtool.formats.base import STORAGE, Checkpoint, Rows
-from swtool.formats.pickles import PICKLE_SUFFIXES, pickle_refusal
-
-HEADER_CAP = 100 * 1024 * 1024
-"""The safetensors format refuses headers larger than 100 MB; so do we."""
-
+from swtool.formats.hf.header import Shards, TensorEntry, read_config, read_shards
 
 READ_BLOCK_BYTES = 16 * 1024 * 1024
-
-SHARD_PATTERN = re.compile(r".*-\d+-of-\d+\.safetensors$")
-
-JSON_ITEMS_CAP = 1_000_000
-"""Most JSON values (counted as commas and opening brackets, before parsing) in a header, index or
-config. A real header holds a few thousand tensors at ~8 items each; 100 MB of tiny hostile entries
-would become millions of Python objects (GBs) if parsed."""
-
-CONFIG_CAP = 16 * 1024 * 1024
-"""config.json files are kilobytes; anything this large is not one."""
-
-
-def parse_json(raw: bytes, where: str, what: str) -> object:
-    """json.loads for untrusted bytes: bounded in the objects it may create, every failure one SwtoolError."""
-    if raw.count(b",") + raw.count(b"{") + raw.count(b"[") > JSON_ITEMS_CAP:
-        raise SwtoolError(f"{where}: {what} holds more than {JSON_ITEMS_CAP} JSON values; refusing it (real ones hold thousands)")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise SwtoolError(f"{where}: {what} is not valid JSON ({exc.__class__.__name__})") from None
-
-
-def read_json(path: Path, cap: int, what: str) -> object:
-    size = path.stat().st_size
-    if size > cap:
-        raise SwtoolError(f"{path}: {size} bytes is too large for {what} (at most {cap})")
-    return parse_json(path.read_bytes(), str(path), what)
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    """Absolute byte offset in the file."""
-    nbytes: int
-
-
-def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse and validate one safetensors file's header; return its entries and `__metadata__`."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) < 8:
-            raise SwtoolError(f"{path}: truncated safetensors file (shorter than its 8-byte header length)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > HEADER_CAP:
-            raise SwtoolError(f"{path}: safetensors header of {header_len} bytes exceeds the format's 100 MB cap")
-        if 8 + header_len > size:
-            raise SwtoolError(f"{path}: safetensors header length ({header_len}) runs past the end of the file (truncated?)")
-        raw = fh.read(header_len)
-    header = parse_json(raw, str(path), "safetensors header")
-    if not isinstance(header, dict):
-        raise SwtoolError(f"{path}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise SwtoolError(f"{path}: safetensors __metadata__ is not a JSON object")
-    data_start = 8 + header_len
-    data_size = size - data_start
-    entries: dict[str, TensorEntry] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise SwtoolError(f"{path}: tensor {name}: header entry is not an object")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in STORAGE:
-            raise SwtoolError(f"{path}: tensor {name}: unknown dtype {dtype!r} (known: {', '.join(STORAGE)})")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise SwtoolError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise SwtoolError(f"{path}: tensor {name}: bad data_offsets {offsets!r}")
-        begin, end = offsets
-        if end > data_size:
-            raise SwtoolError(
-                f"{path}: tensor {name}: data_offsets end at byte {end} but the file holds {data_size} data bytes (truncated?)"
-            )
-        expected = math.prod(shape) * STORAGE[dtype].size
-        if end - begin != expected:
-            raise SwtoolError(
-                f"{path}: tensor {name}: shape {shape} of {dtype} needs {expected} bytes, data_offsets give {end - begin}"
-            )
-        entries[name] = TensorEntry(path, dtype, tuple(shape), data_start + begin, end - begin)
-        spans.append((begin, end, name))
-    position = 0
-    for begin, end, name in sorted(spans):
-        if begin < position:
-            raise SwtoolError(f"{path}: tensor {name} overlaps the previous tensor's bytes")
-        if begin > position:
-            raise SwtoolError(f"{path}: a hole of {begin - position} bytes precedes tensor {name}")
-        position = end
-    if position != data_size:
-        raise SwtoolError(f"{path}: {data_size - position} trailing bytes after the last tensor")
-    return entries, {str(k): str(v) for k, v in metadata.items()}
-
-
-def shard_map(directory: Path) -> dict[str, TensorEntry]:
-    """All tensors of a directory, checking the index against the shards it names."""
-    index_path = directory / "model.safetensors.index.json"
-    single = directory / "model.safetensors"
-    pickles = sorted(p for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
-    if index_path.exists():
-        index = read_json(index_path, HEADER_CAP, "a safetensors index")
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise SwtoolError(f"{index_path}: not a valid index (needs a JSON object with a weight_map of shard names)")
-        shard_names = sorted(set(weight_map.values()))
-        for shard_name in shard_names:
-            if shard_name != Path(shard_name).name or shard_name.startswith("."):
-                raise SwtoolError(f"{index_path}: shard name {shard_name!r} is not a file name in the model directory")
-        entries: dict[str, TensorEntry] = {}
-        for shard_name in shard_names:
-            shard = directory / str(shard_name)
-            if not shard.is_file():
-                raise SwtoolError(f"{index_path}: names shard {shard_name}, which does not exist")
-            shard_entries, _ = read_header(shard)
-            for name, entry in shard_entries.items():
-                if name in entries:
-                    raise SwtoolError(f"{directory}: tensor {name} is stored in two shards ({entries[name].file.name}, {shard.name})")
-                entries[name] = entry
-        for name, shard_name in weight_map.items():
-            if name not in entries:
-                raise SwtoolError(f"{index_path}: tensor {name} is listed in {shard_name} but not stored there")
-            if entries[name].file.name != shard_name:
-                raise SwtoolError(f"{index_path}: tensor {name} is listed in {shard_name} but stored in {entries[name].file.name}")
-        unindexed = [p.name for p in directory.glob("*.safetensors") if SHARD_PATTERN.match(p.name) and p.name not in shard_names]
-        if unindexed:
-            raise SwtoolError(f"{directory}: shard {sorted(unindexed)[0]} is not in model.safetensors.index.json")
-        return entries
-    if single.is_file():
-        return read_header(single)[0]
-    if pickles:
-        raise pickle_refusal(pickles[0])
-    raise SwtoolError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-
-
-def read_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise SwtoolError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    config = read_json(path, CONFIG_CAP, "config.json")
-    if not isinstance(config, dict):
-        raise SwtoolError(f"{path}: not a JSON object")
-    return config
 
 
 class SafetensorsCheckpoint(Checkpoint):
     format = "safetensors"
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, shards: Shards | None = None):
         self.path = directory
         self.raw_config = read_config(directory)
         self.config = from_hf(self.raw_config)
-        self._entries: dict[str, TensorEntry] = shard_map(directory)
+        self.shards = shards or read_shards(directory)
+        self._entries: dict[str, TensorEntry] = self.shards.entries
         self.files = sorted({e.file for e in self._entries.values()})
         self._handles: dict[Path, BinaryIO] = {}
         self._opening = threading.Lock()

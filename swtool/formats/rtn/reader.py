@@ -15,29 +15,18 @@ import torch
 from swtool.codecs.rtn import QuantizedTensor, block_length, dequantize
 from swtool.errors import SwtoolError
 from swtool.formats.base import Checkpoint, Rows
-from swtool.formats.hf.reader import SafetensorsCheckpoint, read_header, shard_map
+from swtool.formats.hf.header import Shards
+from swtool.formats.hf.reader import SafetensorsCheckpoint
 from swtool.formats.rtn import layout
-
-
-def directory_metadata(directory: Path) -> dict[str, str]:
-    """`__metadata__` of a model directory's first safetensors file ({} when there is none to read)."""
-    try:
-        entries = shard_map(directory)
-    except SwtoolError:
-        return {}
-    if not entries:
-        return {}
-    first = min({e.file for e in entries.values()})
-    return read_header(first)[1]
 
 
 class QuantizedCheckpoint(Checkpoint):
     format = layout.FORMAT
 
-    def __init__(self, directory: Path, metadata: dict[str, str] | None = None):
+    def __init__(self, directory: Path, shards: Shards | None = None):
         self.path = directory
-        self.store = SafetensorsCheckpoint(directory)
-        self.metadata = metadata if metadata is not None else directory_metadata(directory)
+        self.store = SafetensorsCheckpoint(directory, shards)
+        self.metadata = self.store.shards.metadata
         self.header = layout.parse_header(self.metadata, str(directory))
         self.raw_config = self.store.raw_config
         self.config = self.store.config
