@@ -18,7 +18,6 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from typer.core import TyperCommand
 
-from swtool.formats.open import prefetch
 from swtool.errors import SwtoolError
 
 app = typer.Typer(
@@ -30,7 +29,41 @@ app = typer.Typer(
 
 
 
-class OptionalValueCommand(TyperCommand):
+FILE_OPTIONS = ("text", "plot", "directory_files", "files", "super_file")
+"""Options whose value is a file (the rest that take a path take a file or a directory: PATH)."""
+
+
+class Command(TyperCommand):
+    """Help that shows what a user types: `MODEL...`, `PATH`, `FILE`, `N`, `X`, `TEXT`, nothing after a flag.
+
+    Typer labels values with Python type names (`<bool>` on flags, `<list[Path]>`); the metavars
+    are set here, once, for every command, when the parameters are handed to click.
+    """
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if param.metavar is None:
+                param.metavar = metavar(param)
+            if param.param_type_name == "argument":  # the name says it all: no type column, no {braces} in the usage
+                usage = param.metavar + ("..." if param.nargs != 1 else "")
+                param.display_type = lambda ctx: ""
+                param._usage_display_name = lambda usage=usage: usage
+        return params
+
+
+def metavar(param) -> str:
+    kind = param.bare_type()
+    if kind == "bool":
+        return ""
+    if param.param_type_name == "argument":
+        return param.name.upper().removesuffix("S") if param.nargs != 1 else param.name.upper()
+    if param.name in FILE_OPTIONS:
+        return "FILE" + ("..." if param.nargs != 1 else "")
+    return {"Path": "PATH", "int": "N", "float": "X"}.get(kind, "TEXT")
+
+
+class OptionalValueCommand(Command):
     """A command whose options in `optional_values` may be given without their value.
 
     Typer (unlike click) has no options with an optional value, so before parsing a bare
@@ -124,7 +157,7 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-@app.command()
+@app.command(cls=Command)
 def scan(
     models: Annotated[list[Path], typer.Argument(help="HF model directories or GGUF files; several give JSON Lines with --json.")],
     prompt: Annotated[str, typer.Option(help="The one prompt the detection runs.")] = "Apple Inc. is a worldwide tech company.",
@@ -143,6 +176,8 @@ def scan(
     """Stream a checkpoint layer by layer and report its super activations and super weights."""
 
     def run() -> int:
+        from swtool.formats.open import prefetch
+
         ahead = prefetch(models[0])  # the disk works while torch imports; stopped once the checkpoint is open
         from swtool import directory as sw_directory
         from swtool.report import progress_bar, render_expected, render_scan
@@ -152,9 +187,9 @@ def scan(
         if plot is not None:
             if len(models) > 1:
                 raise SwtoolError("--plot draws one model; give a single MODEL")
-            from swtool.plot import pyplot
+            from swtool.plot import check_plot_target
 
-            pyplot()  # fail before the scan, not after it, when matplotlib is missing
+            check_plot_target(plot)  # fail before the scan, not after it, when matplotlib is missing or PNG cannot be written
         check_device(device)
         known = sw_directory.load(directory_files or [])
         if expect is not None:
@@ -186,7 +221,7 @@ def scan(
     guarded(run)
 
 
-@app.command()
+@app.command(cls=Command)
 def directory(
     as_json: Annotated[bool, typer.Option("--json", help="Print the entries as one JSON document on stdout.")] = False,
     files: Annotated[Optional[list[Path]], typer.Option("--file", help="Also read this local directory file (JSON Lines of entries or `swtool scan --json` documents); repeatable.")] = None,
@@ -207,7 +242,7 @@ def directory(
     guarded(run)
 
 
-@app.command(rich_help_panel="Quantize")
+@app.command(cls=Command, rich_help_panel="Quantize")
 def quantize(
     model: Annotated[Path, typer.Argument(help="HF model directory or GGUF file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (or file, for --format gguf).")],
@@ -230,6 +265,8 @@ def quantize(
     """Round-to-nearest block quantization, streamed tensor by tensor, with super weights held out."""
 
     def run() -> int:
+        from swtool.formats.open import prefetch
+
         ahead = prefetch(model)
         from swtool.quantize import QuantizeRequest, quantize_model
         from swtool.report import progress_bar, render_quantize
@@ -272,6 +309,8 @@ def eval_(
     """Perplexity of MODEL on a text, streamed layer by layer (GPTQ-style non-overlapping windows)."""
 
     def run() -> int:
+        from swtool.formats.open import prefetch
+
         ahead = prefetch(model)
         from swtool.ablation import EditPlan
         from swtool.evaluate import Options, evaluate_model
@@ -303,7 +342,7 @@ def eval_(
     guarded(run)
 
 
-@app.command(rich_help_panel="Quantize")
+@app.command(cls=Command, rich_help_panel="Quantize")
 def dequantize(
     quantized: Annotated[Path, typer.Argument(help="A directory written by swtool quantize, or a GGUF file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output HF model directory.")],
@@ -314,6 +353,8 @@ def dequantize(
     """Write a quantized checkpoint (swtool's, or a GGUF) back as a standard Hugging Face checkpoint."""
 
     def run() -> int:
+        from swtool.formats.open import prefetch
+
         ahead = prefetch(quantized)
         from swtool.dequantize import dequantize_model
 
@@ -323,7 +364,7 @@ def dequantize(
     guarded(run)
 
 
-@app.command()
+@app.command(cls=Command)
 def edit(
     model: Annotated[Path, typer.Argument(help="HF model directory or GGUF file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the edited checkpoint, in MODEL's format: a directory, or OUT.gguf.")],
@@ -338,6 +379,8 @@ def edit(
     """Write a copy of MODEL with its super weights zeroed or scaled, or its other outliers pruned, streamed."""
 
     def run() -> int:
+        from swtool.formats.open import prefetch
+
         ahead = prefetch(model)
         from swtool.ablation import EditPlan
         from swtool.edit import edit_model

@@ -54,12 +54,12 @@ def dequantize_model(
 ) -> None:
     """Check the options and the input, then write the HF directory atomically."""
     max_bytes = parse_size(max_shard_size)
+    check_target(output, [quantized], force)
     checkpoint = open_checkpoint(quantized)
     if ahead is not None:
         ahead.stop()
     if checkpoint.format != "gguf":
         require_quantized(checkpoint)
-    check_target(output, [quantized], force)
     record = provenance("dequantize", {"dtype": dtype_option, "max_shard_size": max_shard_size}, model_inputs(checkpoint))
     with atomic_output(output, directory=True, inputs=[quantized], force=force) as temp:
         dequantize_to(checkpoint, temp, dtype, max_bytes, record)

@@ -119,13 +119,13 @@ def edit_model(
     Returns the opened checkpoint, the plan with its super weights and the notes for the user.
     """
     shard_bytes = parse_size(max_shard_size)
+    check_target(out, [model], force)
     checkpoint = open_checkpoint(model)
     if ahead is not None:
         ahead.stop()
     if not plan.active:
         raise SwtoolError("nothing to do: give --zero-super, --scale-super or --zero-outliers")
     check_output(checkpoint, out)  # refuse a bad OUT before the scan, not after it
-    check_target(out, [model], force)
     supers = find_super_weights(checkpoint, super_file, stdin or sys.stdin, required=plan.factor is not None)
     plan = EditPlan(tuple(supers), plan.zero_super, plan.scale_super, plan.zero_outliers)
     return checkpoint, plan, edit_checkpoint(checkpoint, out, plan, force=force, max_shard_bytes=shard_bytes)

@@ -7,6 +7,7 @@ from typing import Any
 
 from swtool.detect import ScanResult
 from swtool.errors import SwtoolError
+from swtool.formats.atomic import atomic_output, check_writable
 
 
 def pyplot() -> Any:
@@ -21,10 +22,14 @@ def pyplot() -> Any:
     return plt
 
 
+def check_plot_target(path: Path) -> None:
+    """Before a scan: matplotlib is there and the PNG's directory can take it."""
+    pyplot()
+    check_writable(Path(path))
+
+
 def save(figure: Any, path: Path, force: bool = True) -> None:
     """Write the figure as PNG through a temporary sibling, reproducibly (no timestamp metadata)."""
-    from swtool.formats.atomic import atomic_output
-
     with atomic_output(Path(path), directory=False, force=force) as temp:
         with temp.open("wb") as fh:
             figure.savefig(fh, format="png", dpi=110, metadata={"Software": None})

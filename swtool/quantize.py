@@ -193,11 +193,11 @@ def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None
         raise SwtoolError("--super and --no-keep-super contradict each other")
     writer, is_directory = WRITERS[out_format]
     ggml_type = gguf_types(out_format, r.gguf_type, r.bits, r.super_type)
+    check_target(r.output, [r.model], r.force)
     checkpoint = open_checkpoint(r.model, allow_nonfinite=r.allow_nonfinite)
     if ahead is not None:
         ahead.stop()
     refuse_quantized(checkpoint)
-    check_target(r.output, [r.model], r.force)
     digests: dict[str, str] = {}
     held: list[Held] = []
     if r.super_file is not None:

@@ -1,13 +1,17 @@
-"""Human-facing output: rich tables and progress bars, always on stderr.
+"""Human-facing output: results (scan tables, the directory, perplexity) on stdout, progress and notes on stderr.
 
-stdout is reserved for machine output (`--json`), so pipelines never see a
-table or a progress bar.
+A result is what the user asked for, so `swtool scan M > out.txt` and `swtool directory | grep`
+work: on a terminal it is a rich table in colour; piped, plain text with no colour and lines as
+long as they need (never wrapped to a fake terminal width). `--json` replaces it with one JSON
+document. Progress bars, notes and write summaries go to stderr, so they never reach a pipe.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import sys
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -20,10 +24,21 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from swtool.detect import ScanResult
 from swtool.directory import FOUND, NOT_FOUND, Directory
 
+if TYPE_CHECKING:  # the directory listing needs no torch
+    from swtool.detect import ScanResult
+
 stderr = Console(stderr=True)
+
+PIPED_WIDTH = 10_000
+"""Console width when stdout is not a terminal: tables take the width their content needs."""
+
+
+def results() -> Console:
+    """The console for results: stdout as it is now (tests swap it), plain when it is not a terminal."""
+    terminal = sys.stdout.isatty()
+    return Console(file=sys.stdout, no_color=not terminal, highlight=False, width=None if terminal else PIPED_WIDTH, soft_wrap=not terminal)
 
 
 @contextmanager
@@ -48,7 +63,8 @@ def _fmt(value: float) -> str:
 
 
 def render_scan(result: ScanResult) -> None:
-    stderr.print(f"[bold]{result.model}[/] ({result.architecture}), prompt of {result.tokens} tokens, one streamed pass with {result.variants} variants")
+    out = results()
+    out.print(f"[bold]{result.model}[/] ({result.architecture}), prompt of {result.tokens} tokens, one streamed pass with {result.variants} variants")
     table = Table(title="Super weights", title_justify="left")
     for column in ("layer", "tensor", "row", "col", "value", "activation", "effect (KL, nats)"):
         table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold" if column == "tensor" else "ellipsis")
@@ -56,12 +72,12 @@ def render_scan(result: ScanResult) -> None:
         tensor = c.tensor if c.expert is None else f"{c.tensor} (expert {c.expert})"
         table.add_row(str(c.layer), tensor, str(c.row), str(c.col), _fmt(c.value), _fmt(c.activation), _fmt(c.effect))
     if result.super_weights:
-        stderr.print(table)
+        out.print(table)
     else:
-        stderr.print("No super weight found: no massive down_proj spike whose removal matters.")
+        out.print("No super weight found: no massive down_proj spike whose removal matters.")
     rejected = [c for c in result.candidates if not c.is_super]
     if rejected:
-        stderr.print(
+        out.print(
             f"{len(rejected)} other candidate(s) examined and rejected (effect below {_fmt(result.settings.get('effect_bar', float('nan')))} nats); see --json."
         )
     layers = Table(title="down_proj maxima per layer", title_justify="left")
@@ -72,10 +88,11 @@ def render_scan(result: ScanResult) -> None:
         style = "bold red" if (s.layer, s.expert) in marked else None
         layer = str(s.layer) if s.expert is None else f"{s.layer} e{s.expert}"
         layers.add_row(layer, _fmt(s.in_max), str(s.in_channel), _fmt(s.out_max), str(s.out_channel), str(s.out_token), _fmt(s.ratio), style=style)
-    stderr.print(layers)
+    out.print(layers)
 
 
 def render_directory(directory: Directory) -> None:
+    out = results()
     table = Table(title="Super weight directory (layer 0-based; row, col in HF nn.Linear order)", title_justify="left")
     for column in ("model", "layer", "tensor in layer", "row", "col", "source"):
         table.add_column(column, justify="right" if column in ("layer", "row", "col") else "left", overflow="fold")
@@ -88,14 +105,15 @@ def render_directory(directory: Directory) -> None:
             notes.append(e.note)
             source += f" (note {len(notes)})"
         table.add_row(e.model, str(e.layer), tensor, str(e.row), str(e.col), source)
-    stderr.print(table)
+    out.print(table)
     for number, note in enumerate(notes, 1):
-        stderr.print(f"note {number}: {note}", markup=False)
+        out.print(f"note {number}: {note}", markup=False)
     for label, meaning in directory.sources.items():
-        stderr.print(f"{label}: {meaning}", markup=False)
+        out.print(f"{label}: {meaning}", markup=False)
 
 
 def render_expected(comparison: list[dict]) -> None:
+    out = results()
     model = comparison[0]["model"] if comparison else "?"
     table = Table(title=f"Directory entries for {model}", title_justify="left")
     for column in ("layer", "row", "col", "source", "status", "found at"):
@@ -104,7 +122,7 @@ def render_expected(comparison: list[dict]) -> None:
     for item in comparison:
         where = escape(", ".join(f"{w['layer']} [{w['row']}, {w['col']}]" for w in item["found_at"] if item["status"] != FOUND))
         table.add_row(str(item["layer"]), str(item["row"]), str(item["col"]), item["source"], item["status"], where, style=styles.get(item["status"], "yellow"))
-    stderr.print(table)
+    out.print(table)
 
 
 def render_quantize(report, output) -> None:
@@ -122,9 +140,10 @@ def render_quantize(report, output) -> None:
 
 def render_eval(result) -> None:
     """One line for `swtool eval`: what was measured, on how much text, and the perplexity."""
+    out = results()
     changed = {k: v for k, v in result.settings.items() if v not in (False, None, 0, []) and k not in ("super_weights", "calibration_windows")}
     label = ", ".join(f"{k}={v}" for k, v in changed.items()) or "as stored"
-    stderr.print(
+    out.print(
         f"[bold]{result.model}[/] ({label}) on {result.text}: {result.windows} windows of {result.ctx} tokens "
         f"(of {result.tokens} tokens): nll {result.nll:.4f}, perplexity [bold]{result.ppl:.3f}[/]"
     )

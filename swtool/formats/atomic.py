@@ -30,7 +30,16 @@ from swtool.errors import SwtoolError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large", errno.EROFS: "read-only file system"}
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "not a directory",
+}
 """Write failures that are the machine's state, not a bug: reported as one line (exit 2), not as an internal error."""
 
 
@@ -60,6 +69,28 @@ def check_target(target: Path, inputs: list[Path], force: bool) -> None:
             raise SwtoolError(f"{target}: refusing to write over or into the input {source}")
     if target.exists() and not force:
         raise SwtoolError(f"{target}: already exists (use --force to replace it)")
+    check_writable(target)
+
+
+def check_writable(target: Path) -> None:
+    """Refuse, before any work, an output whose directory cannot take a new file (read-only, not ours, not a directory).
+
+    Missing parents are fine (they are created): the nearest existing ancestor is probed by
+    creating and removing an empty file in it, which is what writing will need.
+    """
+    parent = target.parent if str(target.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    probe = existing / f".{target.name}.swtool-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        reason = DISK_ERRORS.get(exc.errno, exc.strerror or exc.__class__.__name__)
+        raise SwtoolError(f"{target}: cannot write here ({reason}: {existing})") from None
 
 
 def _lock(lock: Path, target: Path) -> int:
@@ -123,7 +154,10 @@ def atomic_output(target: Path, *, directory: bool, inputs: list[Path] = (), for
     target = Path(target)
     check_target(target, list(inputs), force)
     parent = target.parent if str(target.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SwtoolError(f"{target}: cannot create its directory ({DISK_ERRORS.get(exc.errno, exc.strerror)})") from None
     lock = parent / f".{target.name}.swtool-lock"
     temp = parent / f".{target.name}.swtool-tmp-{os.getpid()}"
     with _signals_raise():
@@ -150,8 +184,10 @@ def atomic_output(target: Path, *, directory: bool, inputs: list[Path] = (), for
                 _remove(temp)
             if isinstance(exc, Interrupted):
                 raise Interrupted(exc.signum, f"{target} was not written") from None
-            if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRORS and fd is not None:
                 raise SwtoolError(f"{target}: {DISK_ERRORS[exc.errno]} while writing; {target} was not written") from None
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:  # the lock or the temporary could not be made
+                raise SwtoolError(f"{target}: cannot write here ({DISK_ERRORS[exc.errno]})") from None
             raise
         finally:
             if fd is not None:

@@ -1,14 +1,12 @@
 """The one table of element types files store, by their safetensors/GGUF name; importable without torch.
 
 Header parsing (and the read-ahead that runs while torch imports) needs names and sizes only;
-torch's dtype is looked up when first asked for.
+numpy's and torch's dtypes are looked up when first asked for.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -17,12 +15,15 @@ class Storage:
     bytes are viewed in numpy (bfloat16 as little-endian uint16, numpy has no bfloat16), torch's dtype."""
 
     name: str
-    numpy: np.dtype
+    size: int
+    numpy_code: str
     torch_name: str
 
     @property
-    def size(self) -> int:
-        return self.numpy.itemsize
+    def numpy(self):  # -> numpy.dtype
+        import numpy
+
+        return numpy.dtype(self.numpy_code)
 
     @property
     def torch(self):  # -> torch.dtype
@@ -34,16 +35,16 @@ class Storage:
 STORAGE: dict[str, Storage] = {
     s.name: s
     for s in (
-        Storage("F64", np.dtype("<f8"), "float64"),
-        Storage("F32", np.dtype("<f4"), "float32"),
-        Storage("F16", np.dtype("<f2"), "float16"),
-        Storage("BF16", np.dtype("<u2"), "bfloat16"),
-        Storage("I64", np.dtype("<i8"), "int64"),
-        Storage("I32", np.dtype("<i4"), "int32"),
-        Storage("I16", np.dtype("<i2"), "int16"),
-        Storage("I8", np.dtype("i1"), "int8"),
-        Storage("U8", np.dtype("u1"), "uint8"),
-        Storage("BOOL", np.dtype("?"), "bool"),
+        Storage("F64", 8, "<f8", "float64"),
+        Storage("F32", 4, "<f4", "float32"),
+        Storage("F16", 2, "<f2", "float16"),
+        Storage("BF16", 2, "<u2", "bfloat16"),
+        Storage("I64", 8, "<i8", "int64"),
+        Storage("I32", 4, "<i4", "int32"),
+        Storage("I16", 2, "<i2", "int16"),
+        Storage("I8", 1, "i1", "int8"),
+        Storage("U8", 1, "u1", "uint8"),
+        Storage("BOOL", 1, "?", "bool"),
     )
 }
 

@@ -25,9 +25,12 @@ _PARSED: dict[Path, Shards] = {}
 def prefetch(path: str | Path) -> ReadAhead:
     """Start reading a model ahead (before torch is imported), from its parsed headers.
 
-    Best effort: a path that cannot be parsed reads nothing ahead, and `open_checkpoint` reports why.
+    A missing path is refused here, before torch is imported (one line, at once); otherwise this is
+    best effort: a path that cannot be parsed reads nothing ahead, and `open_checkpoint` reports why.
     """
     path = Path(path)
+    if not path.exists():
+        raise SwtoolError(f"{path}: no such file or directory")
     try:
         if path.is_dir():
             shards = read_shards(path)
