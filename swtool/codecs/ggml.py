@@ -31,6 +31,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from swtool import native
+from swtool.codecs import kquants
+from swtool.codecs.errors import NonFiniteError
 from swtool.workers import active as pool_active, run_chunks
 
 QType = GGMLQuantizationType
@@ -199,10 +201,6 @@ TYPES: dict[str, QType] = {t.name: t for t in (QType.F32, QType.F16, QType.BF16,
 """Every tensor type swtool writes, by the name llama.cpp uses for it."""
 
 
-class NonFiniteError(ValueError):
-    """The input holds NaN or infinity, which no GGML type stores meaningfully."""
-
-
 def block_size(qtype: QType) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 
@@ -231,7 +229,7 @@ NATIVE: dict[QType, str] = {
 """The C kernel (swtool/kernels/core.c) of each codec; Q4_1/Q5_1 also flag blocks for CODECS to redo."""
 
 
-def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = None) -> np.ndarray:
+def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = None, weights: np.ndarray | None = None) -> np.ndarray:
     """`data` (any float dtype, last axis = rows) as a contiguous uint8 array of GGML `qtype` bytes.
 
     Non-finite values raise NonFiniteError (gguf-py would write garbage blocks).
@@ -240,7 +238,13 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
     on `threads` worker threads (default: the open parallel_chunks() pool, else
     torch's intra-op thread count), by the C kernels where they compiled (reading fp16/bf16 sources without an fp32 copy),
     else by the torch codecs.
+
+    K-quants, and Q4_0/Q4_1/Q5_0/Q5_1 given `weights` (an importance matrix row: one
+    float32 per column), are swtool.codecs.kquants' (llama-quantize's bytes); other
+    types ignore `weights`, as llama.cpp does.
     """
+    if qtype in kquants.TYPES or (weights is not None and qtype in kquants.WEIGHTED):
+        return kquants.encode(data, qtype, weights, threads)
     values = torch.as_tensor(data)
     lib = native.kernels()
     if lib is None or qtype == QType.F32 or native.dtype_code(values.dtype) is None:
