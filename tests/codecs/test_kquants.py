@@ -158,3 +158,25 @@ def test_live_against_llama_cpp(qtype):
     w[rng.random(n) < 0.05] = 0
     for weights in ([None, w] if qtype in K_TYPES else [w]):
         assert np.array_equal(ggml.encode(x, qtype, weights=weights), ggml_quantize(lib, x, qtype, weights))
+
+
+@pytest.mark.slow  # a compile of its own: about 15 s on a busy two-core machine
+def test_portable_build_writes_the_same_bytes(tmp_path):
+    """Built without -mavx2 etc. (a CPU without them), the SIMD-lane searches still give llama.cpp's bytes."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        pytest.skip("no C compiler")
+    flags = [f for f in native._flags() if not f.startswith("-m")]
+    library = tmp_path / "kquants.so"
+    subprocess.run([compiler, *flags, "-o", str(library), str(native.KERNELS / "kquants.c")], check=True, capture_output=True, timeout=300)
+    lib = ctypes.CDLL(str(library))
+    lib.kq_encode.argtypes = native.SIGNATURES["kq_encode"]
+    for name, qtype, weighted in KNOWN:
+        x, w, expected = golden(name, qtype, weighted)
+        out = np.zeros_like(expected)
+        assert lib.kq_encode(int(qtype), x.ctypes.data, x.shape[0], x.shape[1], None if w is None else w.ctypes.data, out.ctypes.data) == 0
+        assert np.array_equal(out, expected), (name, qtype.name, weighted)
