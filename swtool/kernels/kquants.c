@@ -756,49 +756,70 @@ int kq_encode(int type, const float *src, int64_t rows, int64_t n, const float *
     return 0;
 }
 
+/* Decoders, one super-block each, looping by sub-block so the compiler vectorises them: value =
+ * (d * sub-block scale) * level [- dmin * sub-block min], the float32 products gguf-py makes. */
+static void decode_q2_K(const uint8_t *restrict x, float *restrict y) {
+    float d = get_f16(x + 80), dmin = get_f16(x + 82);
+    for (int j = 0; j < 16; j++) {  /* sub-block j: byte 16 + 32*(j/8) + 16*(j%2) + l, bits 2*((j/2)%4) */
+        uint8_t sc = x[j];
+        float dl = d * (sc & 0xF), ml = dmin * (sc >> 4);
+        const uint8_t *q = x + 16 + 32 * (j / 8) + 16 * (j % 2);
+        int shift = 2 * ((j / 2) % 4);
+        for (int l = 0; l < 16; l++) y[16 * j + l] = dl * ((q[l] >> shift) & 3) - ml;
+    }
+}
+
+static void decode_q3_K(const uint8_t *restrict x, float *restrict y) {
+    float d = get_f16(x + 108);
+    for (int j = 0; j < 16; j++) {  /* like Q2_K, with bit j/2 of hmask[16*(j%2) + l] adding 4 */
+        float dl = d * get_q3_scale(x + 96, j);
+        const uint8_t *q = x + 32 + 32 * (j / 8) + 16 * (j % 2), *hm = x + 16 * (j % 2);
+        int shift = 2 * ((j / 2) % 4), bit = j / 2;
+        for (int l = 0; l < 16; l++) y[16 * j + l] = dl * (((q[l] >> shift) & 3) - ((hm[l] >> bit) & 1 ? 0 : 4));
+    }
+}
+
+static void decode_q45_K(const uint8_t *restrict x, float *restrict y, int five) {
+    float d = get_f16(x), dmin = get_f16(x + 2);
+    const uint8_t *qh = x + 16, *qs = x + (five ? 48 : 16);
+    for (int j = 0; j < 8; j++) {  /* sub-block j: nibble j%2 of qs[32*(j/2) + l], bit j of qh[l] */
+        uint8_t sc, m;
+        get_scale_min(x + 4, j, &sc, &m);
+        float dl = d * sc, ml = dmin * m;
+        const uint8_t *q = qs + 32 * (j / 2);
+        int shift = 4 * (j % 2);
+        if (five) for (int l = 0; l < 32; l++) y[32 * j + l] = dl * (((q[l] >> shift) & 0xF) | (((qh[l] >> j) & 1) << 4)) - ml;
+        else for (int l = 0; l < 32; l++) y[32 * j + l] = dl * ((q[l] >> shift) & 0xF) - ml;
+    }
+}
+
+static void decode_q6_K(const uint8_t *restrict x, float *restrict y) {
+    float d = get_f16(x + 208);
+    const int8_t *sc = (const int8_t *)(x + 192);
+    for (int j = 0; j < 8; j++) {  /* 32 values j: half h = j/4, quarter k = j%4 */
+        int h = j / 4, k = j % 4;
+        const uint8_t *ql = x + 64 * h + 32 * (k & 1), *qh = x + 128 + 32 * h;
+        int low_shift = 4 * (k >> 1), high_shift = 2 * k;
+        float d0 = d * sc[2 * j], d1 = d * sc[2 * j + 1];
+        for (int l = 0; l < 32; l++) {
+            int q = (((ql[l] >> low_shift) & 0xF) | (((qh[l] >> high_shift) & 3) << 4)) - 32;
+            y[32 * j + l] = (l < 16 ? d0 : d1) * q;
+        }
+    }
+}
+
 /* Decode `blocks` super-blocks of K `type` into blocks * 256 float32 values: ggml's dequantize_row_qN_K,
  * equal to gguf-py's dequantize (the same float32 products in the same order). Returns 0 or 2. */
 int kq_decode(int type, const uint8_t *src, int64_t blocks, float *out) {
     int kbytes = k_block_bytes(type);
     if (!kbytes) return 2;
     for (int64_t b = 0; b < blocks; b++, src += kbytes, out += QK) {
-        const uint8_t *x = src;
-        float *y = out;
-        if (type == KQ_Q2_K) {
-            float d = get_f16(x + 80), dmin = get_f16(x + 82);
-            for (int j = 0; j < QK; j++) {
-                /* value j: scale j/16, byte (j/128)*32 + j%32 of qs, bits 2*((j/32)%4) */
-                uint8_t sc = x[j / 16];
-                int q = (x[16 + (j / 128) * 32 + j % 32] >> (2 * ((j / 32) % 4))) & 3;
-                y[j] = d * (sc & 0xF) * q - dmin * (sc >> 4);
-            }
-        } else if (type == KQ_Q3_K) {
-            float d = get_f16(x + 108);
-            for (int j = 0; j < QK; j++) {
-                int q = ((x[32 + (j / 128) * 32 + j % 32] >> (2 * ((j / 32) % 4))) & 3) - ((x[j % 32] >> (j / 32)) & 1 ? 0 : 4);
-                y[j] = d * get_q3_scale(x + 96, j / 16) * q;
-            }
-        } else if (type == KQ_Q4_K || type == KQ_Q5_K) {
-            float d = get_f16(x), dmin = get_f16(x + 2);
-            for (int j = 0; j < QK; j++) {
-                uint8_t sc, m;
-                get_scale_min(x + 4, j / 32, &sc, &m);
-                int pair = j / 64, half = (j / 32) % 2, l = j % 32;
-                int q;
-                if (type == KQ_Q4_K) q = (x[16 + 32 * pair + l] >> (4 * half)) & 0xF;
-                else q = ((x[48 + 32 * pair + l] >> (4 * half)) & 0xF) | (((x[16 + l] >> (2 * pair + half)) & 1) << 4);
-                y[j] = d * sc * q - dmin * m;
-            }
-        } else {
-            float d = get_f16(x + 208);
-            const int8_t *sc = (const int8_t *)(x + 192);
-            for (int j = 0; j < QK; j++) {
-                /* value j: half h = j/128, quarter k = (j%128)/32, l = j%32 */
-                int h = j / 128, k = (j % 128) / 32, l = j % 32;
-                int low = (x[64 * h + 32 * (k & 1) + l] >> (4 * (k >> 1))) & 0xF;
-                int high = (x[128 + 32 * h + l] >> (2 * k)) & 3;
-                y[j] = d * sc[j / 16] * (float)((low | (high << 4)) - 32);
-            }
+        switch (type) {
+            case KQ_Q2_K: decode_q2_K(src, out); break;
+            case KQ_Q3_K: decode_q3_K(src, out); break;
+            case KQ_Q4_K: decode_q45_K(src, out, 0); break;
+            case KQ_Q5_K: decode_q45_K(src, out, 1); break;
+            default: decode_q6_K(src, out); break;
         }
     }
     return 0;
