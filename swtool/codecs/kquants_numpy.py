@@ -45,12 +45,16 @@ def _half(v: np.ndarray) -> np.ndarray:
 
 
 def _first_abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(largest |x|, the signed value first reaching it) per row, 0 for all-zero rows: ggml's strict `>` scan."""
-    a = np.abs(x)
-    idx = a.argmax(axis=-1)
-    amax = np.take_along_axis(a, idx[..., None], -1)[..., 0]
-    signed = np.take_along_axis(x, idx[..., None], -1)[..., 0]
-    return amax, np.where(amax > 0, signed, F(0))
+    """(largest |x|, the signed value first reaching it) per row, 0 for all-zero rows: ggml's strict `>` scan
+    from 0, done as a scan (NaN, which overflowing sums of huge inputs make, is never taken, as in C)."""
+    amax = np.zeros(x.shape[:-1], dtype=F)
+    signed = np.zeros(x.shape[:-1], dtype=F)
+    for i in range(x.shape[-1]):
+        a = np.abs(x[..., i])
+        bigger = a > amax
+        amax = np.where(bigger, a, amax)
+        signed = np.where(bigger, x[..., i], signed)
+    return amax, signed
 
 
 # ---------------------------------------------------------------- scale searches (groups along axis 0)
@@ -189,7 +193,9 @@ def fit_affine(x: np.ndarray, nmax: int, w: np.ndarray, rmin: float, rdelta: flo
 
 def fit_positive(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """make_qp_quants: levels in [0, nmax] (stored as uint8, wrapping like ggml's) for non-negative x."""
-    mx = np.maximum(x.max(axis=1), F(0))
+    mx = np.zeros(x.shape[0], dtype=F)
+    for i in range(x.shape[1]):  # ggml's `max = max > x ? max : x`, NaN included
+        mx = np.where(mx > x[:, i], mx, x[:, i])
     zero = mx < TINY
     mx = np.where(zero, F(1), mx)
     iscale = F(nmax) / mx

@@ -86,6 +86,16 @@ def cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     one_hot[0, 3] = 1.0
     one_hot[1, 200] = -2.5
     out["one_value"] = (one_hot, np.ones(256, dtype=np.float32))
+    extreme = np.empty((6, 256), dtype=np.float32)
+    extreme[0] = rng.standard_normal(256) * 1e30  # squares overflow: NaN scales, which ggml's scans skip
+    extreme[1] = rng.standard_normal(256) * 10.0 ** rng.integers(-20, 20, 256)  # mixed magnitudes
+    extreme[2] = rng.standard_normal(256) * 1e-40  # float32 subnormals
+    extreme[3] = rng.standard_normal(256) * 1e6  # scales beyond fp16's range
+    extreme[4] = rng.standard_normal(256)
+    extreme[4, ::7] = -0.0  # signed zeros
+    extreme[5] = -0.0
+    out["extremes"] = (extreme, importance(256))
+    out["huge_weights"] = (rng.standard_normal((2, 256)).astype(np.float32), np.full(256, 1e20, dtype=np.float32))
     return out
 
 
