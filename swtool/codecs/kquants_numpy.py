@@ -139,10 +139,11 @@ def fit_affine(x: np.ndarray, nmax: int, w: np.ndarray, rmin: float, rdelta: flo
     G = x.shape[0]
     mn = x.min(axis=1)
     mx = x.max(axis=1)
-    zmin = mn == 0
-    if zmin.any():  # ggml keeps the first zero it meets: its sign reaches the stored min
-        first = np.argmax(x[zmin] == 0, axis=1)
-        mn[zmin] = x[zmin][np.arange(len(first)), first]
+    for extreme in (mn, mx):  # where it is a zero, ggml's scan keeps the first zero it meets, whose sign
+        zero = extreme == 0  # reaches the stored min or the sign of an infinite trial scale
+        if zero.any():
+            first = np.argmax(x[zero] == 0, axis=1)
+            extreme[zero] = x[zero][np.arange(len(first)), first]
     sum_w = _seqsum(w[:, 1:], w[:, 0])
     sum_x = _seqsum(w[:, 1:] * x[:, 1:], w[:, 0] * x[:, 0])
     mn = np.where(mn > 0, F(0), mn)

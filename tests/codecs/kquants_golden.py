@@ -96,7 +96,34 @@ def cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     extreme[5] = -0.0
     out["extremes"] = (extreme, importance(256))
     out["huge_weights"] = (rng.standard_normal((2, 256)).astype(np.float32), np.full(256, 1e20, dtype=np.float32))
+    for seed, qtype in FUZZ_FOUND:
+        out[f"fuzz_{seed}"] = fuzz_case(seed, qtype)
     return out
+
+
+FUZZ_FOUND = ((4083939144, QType.Q2_K), (2989019788, QType.Q4_1), (301243838, QType.Q5_K))
+"""Inputs where an earlier numpy engine differed from llama.cpp (a max scan's zero sign), found by fuzz_case."""
+
+
+def fuzz_case(seed: int, qtype: QType) -> tuple[np.ndarray, np.ndarray]:
+    """The random input (magnitudes from 1e-45 to 1e38, mixed, with zeros) and `qtype`'s weights that a
+    fuzz comparison with llama.cpp drew for `seed` (it drew weights for every type in WEIGHTED order)."""
+    rng = np.random.default_rng(seed)
+    rows, n = rng.integers(1, 4), 256 * rng.integers(1, 3)
+    exponent, spread, zeros = rng.integers(-45, 39), rng.integers(0, 31), rng.random()
+    magnitude = 10.0 ** (exponent + rng.integers(-spread, spread + 1, (rows, n)).clip(-45 - exponent, 38 - exponent))
+    with np.errstate(all="ignore"):
+        x = (rng.standard_normal((rows, n)) * magnitude * (rng.random((rows, n)) >= zeros)).astype(np.float32)
+    x[~np.isfinite(x)] = 0
+    for candidate in WEIGHTED:
+        weighted = rng.random() < 0.5 or candidate in LEGACY
+        w = (rng.random(n) * 10.0 ** rng.integers(-30, 30)).astype(np.float32) if weighted else np.ones(n, dtype=np.float32)
+        if weighted and rng.random() < 0.2:
+            w[rng.random(n) < 0.5] = 0
+        if candidate == qtype:
+            return x, w
+        rng.random()
+    raise ValueError(qtype)
 
 
 def generate(bin_dir: str | Path) -> dict[str, np.ndarray]:

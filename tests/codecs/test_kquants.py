@@ -15,6 +15,8 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
 from gguf.quants import dequantize as gguf_dequantize
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from swtool import native
 from swtool.codecs import ggml, kquants, kquants_numpy
@@ -180,3 +182,27 @@ def test_portable_build_writes_the_same_bytes(tmp_path):
         out = np.zeros_like(expected)
         assert lib.kq_encode(int(qtype), x.ctypes.data, x.shape[0], x.shape[1], None if w is None else w.ctypes.data, out.ctypes.data) == 0
         assert np.array_equal(out, expected), (name, qtype.name, weighted)
+
+
+@pytest.mark.skipif(not NATIVE, reason=f"native kernels unavailable: {native.status}")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 3),
+    blocks=st.integers(1, 2),
+    exponent=st.integers(-45, 38),
+    spread=st.integers(0, 30),
+    zeros=st.floats(0, 1),
+    qtype=st.sampled_from(WEIGHTED),
+    weighted=st.booleans(),
+)
+def test_engines_agree_on_any_finite_input(seed, rows, blocks, exponent, spread, zeros, qtype, weighted):
+    """The C kernels and the numpy engine give the same bytes on arbitrary finite inputs and weights
+    (magnitudes from subnormal to near float32's max, mixed, with zeros); both equal llama.cpp on the fixture."""
+    rng = np.random.default_rng(seed)
+    n = 256 * blocks
+    magnitude = 10.0 ** (exponent + rng.integers(-spread, spread + 1, (rows, n)).clip(-45 - exponent, 38 - exponent))
+    x = (rng.standard_normal((rows, n)) * magnitude * (rng.random((rows, n)) >= zeros)).astype(np.float32)
+    x[~np.isfinite(x)] = 0
+    w = (rng.random(n) * 10.0 ** rng.integers(-10, 10)).astype(np.float32) if weighted or qtype in LEGACY else None
+    assert np.array_equal(kquants.encode(x, qtype, w, threads=1), kquants_numpy.encode_rows(x, qtype, w))
