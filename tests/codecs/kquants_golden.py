@@ -96,6 +96,7 @@ def cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     extreme[5] = -0.0
     out["extremes"] = (extreme, importance(256))
     out["huge_weights"] = (rng.standard_normal((2, 256)).astype(np.float32), np.full(256, 1e20, dtype=np.float32))
+    out["row_of_288"] = (rng.standard_normal((3, 288)).astype(np.float32), importance(288))  # 9 blocks of 32: legacy only
     for seed, qtype in FUZZ_FOUND:
         out[f"fuzz_{seed}"] = fuzz_case(seed, qtype)
     return out
@@ -133,6 +134,8 @@ def generate(bin_dir: str | Path) -> dict[str, np.ndarray]:
         arrays[f"{name}/x"] = x
         arrays[f"{name}/w"] = w
         for qtype in WEIGHTED:
+            if x.shape[1] % GGML_QUANT_SIZES[qtype][0]:
+                continue
             if qtype in K_TYPES:
                 arrays[f"{name}/{qtype.name}"] = ggml_quantize(lib, x, qtype, None)
             arrays[f"{name}/{qtype.name}/w"] = ggml_quantize(lib, x, qtype, w)
