@@ -20,6 +20,7 @@ Proven against llama.cpp's own bytes by tests/codecs/test_kquants.py
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from swtool import native
 from swtool.codecs import kquants_numpy
 from swtool.codecs.errors import NonFiniteError
-from swtool.workers import active as pool_active, parallel_chunks, run_chunks
+from swtool.workers import active as pool_active, run_chunks
 
 TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
 """The K-quant types this module encodes and decodes."""
@@ -46,12 +47,18 @@ def row_bytes(n: int, qtype: QType) -> int:
 
 
 def _spread(work: Callable[[int], None], starts: range, threads: int | None) -> None:
-    """Chunks on the command's pool when one is open, else on `threads` (default: torch's count)."""
+    """Chunks on the command's pool when one is open, else on `threads` threads of this call's own
+    (default: torch's count; a private pool, so concurrent callers never share or close each other's)."""
     if threads is None and pool_active():
         run_chunks(work, starts)
         return
-    with parallel_chunks(min(threads or torch.get_num_threads(), len(starts))):
-        run_chunks(work, starts)
+    workers = min(threads or torch.get_num_threads(), len(starts))
+    if workers <= 1:
+        for start in starts:
+            work(start)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="swtool-kquants") as pool:
+        list(pool.map(work, starts))
 
 
 def _weights(weights: np.ndarray | torch.Tensor | None, n: int) -> np.ndarray | None:

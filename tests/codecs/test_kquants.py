@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from swtool import native
 from swtool.codecs import ggml, kquants, kquants_numpy
 from swtool.codecs.errors import NonFiniteError
+from swtool.workers import parallel_chunks
 
 from kquants_golden import FIXTURE, K_TYPES, LEGACY, WEIGHTED, ggml_quantize, load_ggml
 
@@ -63,16 +64,21 @@ def test_bytes_equal_llama_cpp(engine, name, qtype, weighted):
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
-def test_numpy_and_c_agree_on_fresh_random_data(engine):
-    """Beyond the fixture: the engine in use equals the other one on new data (both chunked and threaded)."""
+def test_numpy_and_c_agree_on_fresh_random_data(engine, monkeypatch):
+    """Beyond the fixture: the engine in use equals the numpy one on new data, in chunks of 4 rows
+    spread over threads (the bytes never depend on the split)."""
     if not NATIVE:
         pytest.skip("one engine only")
+    monkeypatch.setattr(kquants, "CHUNK_ELEMENTS", 4 * 512)
     rng = np.random.default_rng(5)
     x = (rng.standard_t(4, (24, 512)) * 0.03).astype(np.float32)
     w = (rng.random(512) ** 3).astype(np.float32)
     for qtype in WEIGHTED:
         for weights in [w] if qtype in LEGACY else [None, w]:
-            assert np.array_equal(kquants.encode(x, qtype, weights, threads=2), kquants_numpy.encode_rows(x, qtype, weights))
+            expected = kquants_numpy.encode_rows(x, qtype, weights)
+            assert np.array_equal(kquants.encode(x, qtype, weights, threads=2), expected)
+            with parallel_chunks(2):  # a command's pool, as swtool quantize opens
+                assert np.array_equal(kquants.encode(x, qtype, weights), expected)
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
@@ -87,8 +93,9 @@ def test_decode_equals_gguf_py(engine, qtype):
     assert np.abs(got - x).mean() < 0.5 * np.abs(x).mean()
 
 
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
 @pytest.mark.parametrize("qtype", [QType.Q6_K, QType.Q2_K, QType.Q8_0], ids=lambda q: q.name)
-def test_decode_row_range(qtype):
+def test_decode_row_range(engine, qtype):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 4, 512)).astype(np.float32)
     raw = ggml.encode(x, qtype)
