@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "codecs"))
-from kquants_golden import K_TYPES, LEGACY, ggml_quantize, load_ggml  # noqa: E402
+from kquants_golden import K_TYPES, LEGACY, ggml_quantize, load_ggml
 
-from swtool import native  # noqa: E402
-from swtool.codecs import kquants  # noqa: E402
+from swtool import native
+from swtool.codecs import kquants
 
 
 def best_of(fn, repeat: int = 3) -> tuple[float, np.ndarray]:
@@ -45,8 +45,8 @@ def main() -> None:
     print(f"{'type':<6} {'imatrix':<8} {'swtool':>8} {'llama.cpp':>10} {'ratio':>6}  bytes")
     for qtype in (*sorted(K_TYPES), *LEGACY):
         for weights in ([None, w] if qtype in K_TYPES else [w]):
-            ours_t, ours = best_of(lambda: kquants.encode(x, qtype, weights, threads=1))
-            ref_t, ref = best_of(lambda: ggml_quantize(lib, x, qtype, weights))
+            ours_t, ours = best_of(lambda q=qtype, w=weights: kquants.encode(x, q, w, threads=1))
+            ref_t, ref = best_of(lambda q=qtype, w=weights: ggml_quantize(lib, x, q, w))
             same = "equal" if np.array_equal(ours, ref) else "DIFFER"
             print(f"{qtype.name:<6} {'yes' if weights is not None else 'no':<8} {mvals / ours_t:8.1f} {mvals / ref_t:10.1f} {ref_t / ours_t:6.2f}  {same}")
 

@@ -324,7 +324,7 @@ def _q3_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     else:
         scales, L = fit_q3(xs.reshape(-1, 16), 4)
         scales = scales.reshape(B, 16)
-        amax, max_scale = _first_abs_max(scales)
+        _, max_scale = _first_abs_max(scales)
         nz = max_scale != 0
         with np.errstate(all="ignore"):
             iscale = F(-32) / np.where(nz, max_scale, F(1))

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QType
 
 FIXTURE = Path(__file__).with_name("kquants_golden.npz")
 K_TYPES = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K)

@@ -13,17 +13,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
+from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize as gguf_dequantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kquants_golden import FIXTURE, K_TYPES, LEGACY, WEIGHTED, ggml_quantize, load_ggml
 
 from swtool import native
 from swtool.codecs import ggml, kquants, kquants_numpy
 from swtool.codecs.errors import NonFiniteError
 from swtool.workers import parallel_chunks
-
-from kquants_golden import FIXTURE, K_TYPES, LEGACY, WEIGHTED, ggml_quantize, load_ggml
 
 GOLDEN = np.load(FIXTURE)
 CASES = sorted({key.split("/")[0] for key in GOLDEN.files})
