@@ -711,7 +711,7 @@ static int row_finite(const float *restrict x, int64_t n) {
     return !bad;
 }
 
-/* Bytes of one super-block (K types) or of one row's worth of 32-blocks per 32 values (legacy). */
+/* Bytes of one super-block of a K type; 0 for any other type. */
 static int k_block_bytes(int type) {
     switch (type) {
         case KQ_Q2_K: return 84;
