@@ -82,7 +82,7 @@ def encode(values: np.ndarray | torch.Tensor, qtype: QType, weights: np.ndarray 
     """
     if qtype not in TYPES and not (qtype in WEIGHTED and weights is not None):
         raise ValueError(f"{qtype.name} without importance weights is swtool.codecs.ggml's" if qtype in WEIGHTED else f"{qtype.name} is not a K-quant or weighted type")
-    tensor = torch.as_tensor(values)
+    tensor = torch.as_tensor(values).detach()
     shape = tuple(tensor.shape)
     n = shape[-1] if shape else 0
     block = GGML_QUANT_SIZES[qtype][0]
