@@ -51,6 +51,8 @@ SIGNATURES = {
     "pack_codes": [_P, _L, _I, _P],
     "linear_half": [_P, _L, _L, _P, _I, _L, _P, _L],
     "linear_half_vectorised": [],
+    "kq_encode": [_I, _P, _L, _L, _P, _P],
+    "kq_decode": [_I, _P, _L, _P],
 }
 
 status = "not loaded yet"

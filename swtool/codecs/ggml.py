@@ -22,17 +22,18 @@ Layouts (GGML, little-endian), per block of 32 values:
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from swtool import native
+from swtool.codecs import kquants
+from swtool.codecs.errors import NonFiniteError
 from swtool.workers import active as pool_active
-from swtool.workers import run_chunks
+from swtool.workers import intra_op_threads, run_chunks
 
 QType = GGMLQuantizationType
 
@@ -200,10 +201,6 @@ TYPES: dict[str, QType] = {t.name: t for t in (QType.F32, QType.F16, QType.BF16,
 """Every tensor type swtool writes, by the name llama.cpp uses for it."""
 
 
-class NonFiniteError(ValueError):
-    """The input holds NaN or infinity, which no GGML type stores meaningfully."""
-
-
 def block_size(qtype: QType) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 
@@ -232,7 +229,7 @@ NATIVE: dict[QType, str] = {
 """The C kernel (swtool/kernels/core.c) of each codec; Q4_1/Q5_1 also flag blocks for CODECS to redo."""
 
 
-def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = None) -> np.ndarray:
+def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = None, weights: np.ndarray | None = None) -> np.ndarray:
     """`data` (any float dtype, last axis = rows) as a contiguous uint8 array of GGML `qtype` bytes.
 
     Non-finite values raise NonFiniteError (gguf-py would write garbage blocks).
@@ -241,7 +238,13 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
     on `threads` worker threads (default: the open parallel_chunks() pool, else
     torch's intra-op thread count), by the C kernels where they compiled (reading fp16/bf16 sources without an fp32 copy),
     else by the torch codecs.
+
+    K-quants, and Q4_0/Q4_1/Q5_0/Q5_1 given `weights` (an importance matrix row: one
+    float32 per column), are swtool.codecs.kquants' (llama-quantize's bytes); other
+    types ignore `weights`, as llama.cpp does.
     """
+    if qtype in kquants.TYPES or (weights is not None and qtype in kquants.WEIGHTED):
+        return kquants.encode(data, qtype, weights, threads)
     values = torch.as_tensor(data)
     lib = native.kernels()
     if lib is None or qtype == QType.F32 or native.dtype_code(values.dtype) is None:
@@ -276,7 +279,7 @@ def encode(data: torch.Tensor | np.ndarray, qtype: QType, threads: int | None = 
         run_chunks(run, starts)
         return out
     workers = min(threads or torch.get_num_threads(), len(starts))
-    with one_kernel_thread():
+    with intra_op_threads(1):  # our threads split the work; torch's would wait for each other at every kernel
         if workers <= 1:
             for start in starts:
                 run(start)
@@ -311,19 +314,3 @@ def _native_chunks(lib, qtype: QType, values: torch.Tensor, flat_out: torch.Tens
             flat_out[redo] = fixed
 
     return run
-
-
-@contextmanager
-def one_kernel_thread() -> Iterator[None]:
-    """Run torch kernels single-threaded while our own threads split the work.
-
-    torch's intra-op threads wait for each other at the end of every kernel; on a
-    busy machine one descheduled thread stalls them all, so small and medium
-    kernels are much slower split than whole.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
