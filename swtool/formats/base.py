@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from swtool.errors import SwtoolError
 from swtool.formats.dtypes import FLOATS, STORAGE, Storage
@@ -113,6 +114,10 @@ class Checkpoint(ABC):
     @abstractmethod
     def tokenizer_json(self) -> str:
         """The tokenizer as a `tokenizers` JSON document."""
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, ready to encode (formats that build one skip the JSON round trip)."""
+        return Tokenizer.from_str(self.tokenizer_json())
 
     def has(self, name: str) -> bool:
         return name in self._entries

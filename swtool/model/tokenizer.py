@@ -10,7 +10,7 @@ from swtool.formats.base import Checkpoint
 
 def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
     try:
-        return Tokenizer.from_str(checkpoint.tokenizer_json())
+        return checkpoint.tokenizer()
     except Exception as exc:  # the tokenizers library raises bare Exceptions on malformed JSON
         if isinstance(exc, SwtoolError):
             raise

@@ -71,7 +71,8 @@ def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> lis
     return [(left, right) for *_, left, right in ranked]
 
 
-def gguf_tokenizer_json(meta: dict[str, Any]) -> str:
+def gguf_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer as a `tokenizers` object, built directly (a JSON round trip cost as much again)."""
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
@@ -103,4 +104,9 @@ def gguf_tokenizer_json(meta: dict[str, Any]) -> str:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos_text} $A", pair=f"{bos_text} $A $B", special_tokens=[(bos_text, int(bos))]
         )
-    return tok.to_str()
+    return tok
+
+
+def gguf_tokenizer_json(meta: dict[str, Any]) -> str:
+    """The same tokenizer as a `tokenizer.json` document (for HF export)."""
+    return gguf_tokenizer(meta).to_str()
