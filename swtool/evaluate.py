@@ -26,14 +26,12 @@ from swtool.arch import family_of
 from swtool.formats.base import Checkpoint
 from swtool.edit import EditPlan, edit_tensor, linear_layers, linear_roles
 from swtool.errors import SwtoolError
-from swtool.model.forward import HEAD_CHUNK_ROWS, InputHook, LayerStream, MlpHook
+from swtool.model.forward import InputHook, LayerStream, MlpHook
+from swtool.model.nll import batches, token_nll
 from swtool.codecs.supers import Held
 
 WeightsHook = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """(layer, loaded weights by role) -> the weights to run (edited, smoothed, fake-quantized...)."""
-
-LOGIT_BUDGET = 1 << 25
-"""Logit elements (fp32) alive at once while streaming the head: 128 MiB."""
 
 RESTORE_RATIO = 100.0
 """A token carries the super activation where |value| >= this times the median |down_proj output| (scan's spike rule)."""
@@ -122,10 +120,6 @@ def hidden_buffer(shape: tuple[int, ...], memory_limit: int) -> Iterator[torch.T
         yield torch.from_numpy(np.memmap(fh, dtype=np.float32, mode="r+", shape=shape))
 
 
-def batches(count: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
-
-
 def stream_windows(
     stream: LayerStream,
     windows: torch.Tensor,
@@ -148,37 +142,6 @@ def stream_windows(
         del weights
         if progress:
             progress(layer + 1, total + 1)
-
-
-def token_nll(stream: LayerStream, windows: torch.Tensor, hidden: torch.Tensor, batch: int) -> torch.Tensor:
-    """Next-token loss (windows, ctx-1) from the last layer's hidden states, head streamed in vocabulary chunks."""
-    config = stream.config
-    names = stream.family.global_tensors(config)
-    norm = stream.checkpoint.load(names["final_norm"], stream.dtype).to(stream.device) if "final_norm" in names else None
-    for part in batches(len(windows), batch):
-        hidden[part] = stream.norm(hidden[part].to(stream.device, stream.dtype), norm).float().cpu()
-    count, ctx = windows.shape
-    targets = windows[:, 1:].to(stream.device)
-    running_max = torch.full((count, ctx - 1), -math.inf, device=stream.device)
-    running_sum = torch.zeros((count, ctx - 1), device=stream.device)
-    target_logit = torch.zeros((count, ctx - 1), device=stream.device)
-    rows = min(HEAD_CHUNK_ROWS, config.vocab_size)
-    per_batch = max(1, LOGIT_BUDGET // (rows * (ctx - 1)))
-    for start in range(0, config.vocab_size, rows):
-        stop = min(start + rows, config.vocab_size)
-        head = stream.checkpoint.load(names["head"], stream.dtype, rows=slice(start, stop)).to(stream.device)
-        for part in batches(count, per_batch):
-            logits = torch.nn.functional.linear(hidden[part, :-1].to(stream.device, stream.dtype), head).float()
-            if config.final_softcap:
-                logits = config.final_softcap * torch.tanh(logits / config.final_softcap)
-            peak = torch.maximum(running_max[part], logits.amax(dim=-1))
-            running_sum[part] = running_sum[part] * torch.exp(running_max[part] - peak) + torch.exp(logits - peak[..., None]).sum(dim=-1)
-            running_max[part] = peak
-            target = targets[part]
-            inside = (target >= start) & (target < stop)
-            picked = logits.gather(-1, (target - start).clamp(0, stop - start - 1)[..., None]).squeeze(-1)
-            target_logit[part] = torch.where(inside, picked, target_logit[part])
-    return (running_max + running_sum.log() - target_logit).cpu()
 
 
 def restore_hook(plan: EditPlan, originals: dict[Held, float], layers: dict[str, int]) -> MlpHook:
