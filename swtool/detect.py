@@ -276,7 +276,9 @@ class Detector:
         screened = sorted((c for c in result.candidates if c.effect >= self.min_effect), key=lambda c: -c.effect)
         chosen = screened[: self.max_verify]
         for cand in result.candidates:
-            if cand.effect != cand.effect or cand.effect < self.min_effect:
+            if cand.effect != cand.effect:
+                cand.unverified = f"effect not measured (found in round {cand.round}, beyond max_rounds)"
+            elif cand.effect < self.min_effect:
                 cand.unverified = f"effect below min_effect {self.min_effect:g} nats"
             elif cand not in chosen:
                 cand.unverified = f"not among the {self.max_verify} strongest effects (max_verify)"
