@@ -53,7 +53,7 @@ from pathlib import Path
 from swtool.errors import SwtoolError
 from swtool.formats.base import Checkpoint
 from swtool.model.forward import LayerStream
-from swtool.verify import BUILTIN, DENSE, Key, compute_dtype, ppl_ratios, read_text, window
+from swtool.verify import BUILTIN, DENSE, WINDOW_TOKENS, Key, compute_dtype, ppl_ratios, read_text, window
 from swtool.workers import parallel_chunks
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
@@ -181,6 +181,7 @@ class Detector:
         min_ppl_ratio: float = 2.0,
         max_verify: int = 3,
         verify_text: Path | None = None,
+        verify_tokens: int = WINDOW_TOKENS,
         max_rounds: int = 4,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
@@ -203,7 +204,7 @@ class Detector:
         self.max_verify = max_verify
         self.verify_source = BUILTIN if verify_text is None else str(verify_text)
         # Read and tokenized now, so a bad file fails before the pass, not after it.
-        self.verify_tokens = window(checkpoint, read_text(verify_text), self.verify_source)
+        self.verify_tokens = window(checkpoint, read_text(verify_text), self.verify_source, verify_tokens)
         self.dtype = dtype
         self.device = device
         self.max_rounds = max_rounds

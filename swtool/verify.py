@@ -53,6 +53,9 @@ by 6.8 (built-in text) and 4.5 (Wikipedia), other candidates by at most 1.5 and 
 tokens 4.8 and 5.4 against 1.4 and 1.7, for twice the cost. Under 64 tokens the first positions
 (the attention sink, which any massive-activation weight moves) dominate the mean."""
 
+MIN_WINDOW_TOKENS = 16
+"""Fewer tokens would measure little more than the attention sink at the first positions."""
+
 BUILTIN = "built-in"
 
 
@@ -68,11 +71,13 @@ def read_text(path: Path | None) -> str:
         raise SwtoolError(f"--verify-text {path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
 
 
-def window(checkpoint: Checkpoint, text: str, source: str) -> torch.Tensor:
-    """The first WINDOW_TOKENS tokens of `text` (1, T); a text too short to fill them is refused."""
+def window(checkpoint: Checkpoint, text: str, source: str, tokens: int = WINDOW_TOKENS) -> torch.Tensor:
+    """The first `tokens` tokens of `text` (1, T), capped at the model's context; a text too short to fill them is refused."""
     from swtool.tokenizer import load_tokenizer
 
-    length = min(WINDOW_TOKENS, checkpoint.config.max_position_embeddings)
+    if tokens < MIN_WINDOW_TOKENS:
+        raise SwtoolError(f"--verify-tokens must be at least {MIN_WINDOW_TOKENS}")
+    length = min(tokens, checkpoint.config.max_position_embeddings)
     ids = load_tokenizer(checkpoint).encode(text).ids
     if len(ids) < length:
         raise SwtoolError(f"--verify-text {source}: {len(ids)} tokens, fewer than the {length} of one verification window")

@@ -144,6 +144,12 @@ def test_a_bad_verify_text_is_one_line_and_status_2(controlled, tmp_path, conten
     assert_user_error(invoke("scan", controlled, "--verify-text", path), match)
 
 
+def test_verify_tokens_sets_the_window(controlled):
+    doc = json.loads(invoke("scan", controlled, "--json", "--verify-tokens", "64").stdout)
+    assert doc["verification"]["tokens"] == 64 and [(w["layer"], w["row"], w["col"]) for w in doc["super_weights"]] == [SUPER]
+    assert_user_error(invoke("scan", controlled, "--verify-tokens", "8"), "at least 16")
+
+
 def test_verify_text_of_ones_own(controlled, tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text("Plain words, written by the user, long enough to fill a verification window of bytes. " * 3)
