@@ -1,10 +1,13 @@
 """The built-in English text: a few hundred tokens of plain prose shipped with the package, so that
 checks needing ordinary text (scan's perplexity verification, calibration) stay data-free.
 
-The text (`builtin_text.txt`) was written for swtool (it is not taken from any corpus): a
-short description of a harbour lighthouse, about 1,600 characters, 345 tokens with SmolLM2's
-tokenizer. Plain narrative prose with no markup, lists or numbers, so that a model's
-perplexity on it reflects ordinary language.
+The text (`builtin_text.txt`) was written for swtool (it is not taken from any corpus):
+three paragraphs of encyclopedic prose on the history of the bicycle, 1,631 characters,
+378 tokens with SmolLM2's tokenizer, plain ASCII with no markup or lists. Encyclopedic
+rather than narrative on purpose: the paper measures super weights on Wikipedia-like text,
+and on a first, narrative draft (a harbour lighthouse) zeroing SmolLM2's layer-2 spike
+weights raised perplexity 2.5-2.8x against 1.3-1.5x on this text and on Wikipedia, while
+the super weight's ratio fell to 3.8 (256 tokens, float32).
 """
 
 from __future__ import annotations
