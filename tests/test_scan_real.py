@@ -55,7 +55,13 @@ def test_gguf_scan_finds_one_super_weight_in_layer_11(gguf_scan):
 
 
 def test_with_the_super_weight_zeroed_nothing_at_layer_11_is_a_super_weight(smollm2_gguf, gguf_scan, tmp_path):
-    """The negative case: `swtool edit --zero-super`, then scan the result. Remaining spikes must pass the same test."""
+    """The negative case: `swtool edit --zero-super`, then scan the result. Remaining spikes must pass the same test.
+
+    They do: measured against the damaged model (perplexity 68 on the built-in text, 9.8 before),
+    the three strongest candidates, at layers 9 and 2, multiply it by 9-117. Layer 11 is not reported
+    because its remaining candidate [507, 1487] ranks fourth by effect, beyond the default --max-verify 3;
+    verified, it too passes (about 1,000x). The verdict is relative to the model as given.
+    """
     from clirun import invoke
 
     edited = tmp_path / "zeroed.gguf"
