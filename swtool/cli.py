@@ -29,7 +29,7 @@ app = typer.Typer(
 
 
 
-FILE_OPTIONS = ("text", "plot", "directory_files", "files", "super_file")
+FILE_OPTIONS = ("text", "plot", "directory_files", "files", "super_file", "verify_text")
 """Options whose value is a file (the rest that take a path take a file or a directory: PATH)."""
 
 
@@ -166,8 +166,11 @@ def scan(
     device: Annotated[str, typer.Option(help="torch device for the forward, e.g. cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Compute dtype: fp32, bf16 or fp16.")] = "fp32",
     min_ratio: Annotated[float, typer.Option(help="A down_proj output spike counts when |max| >= this times the layer's median |output|.")] = 100.0,
-    min_effect: Annotated[float, typer.Option(help="Absolute floor on a super weight's effect (mean KL, nats, when zeroed).")] = 0.5,
-    relative_effect: Annotated[float, typer.Option(help="A super weight's effect must also reach this fraction of the strongest candidate's.")] = 0.5,
+    min_effect: Annotated[float, typer.Option(help="The screen: candidates whose effect (mean KL on the prompt, nats, when zeroed) reaches this are verified by perplexity.")] = 0.5,
+    min_ppl_ratio: Annotated[float, typer.Option(help="The verdict: a candidate is a super weight when zeroing it alone multiplies the verification text's perplexity by at least this.")] = 2.0,
+    max_verify: Annotated[int, typer.Option(help="Verify by perplexity at most this many candidates, strongest effect first (those with effect >= --min-effect).")] = 3,
+    verify_text: Annotated[Optional[Path], typer.Option(help="UTF-8 text to verify candidates on (default: the built-in English text); its first --verify-tokens tokens are used.")] = None,
+    verify_tokens: Annotated[int, typer.Option(help="Tokens of text the verification runs; its cost is proportional to them.")] = 128,
     expect: Annotated[Optional[str], typer.Option(help="Compare with this model's entries in the super weight directory (default: the model the checkpoint names, if listed).")] = None,
     directory_files: Annotated[Optional[list[Path]], typer.Option("--directory-file", help="Local directory file whose entries --expect also considers (see `swtool directory --file`); repeatable.")] = None,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Go on when weights hold NaN or Inf (refused by default).")] = False,
@@ -198,7 +201,17 @@ def scan(
         failures = 0
         for model in models:
             try:
-                options = dict(prompt=prompt, min_ratio=min_ratio, min_effect=min_effect, relative_effect=relative_effect, dtype=compute, device=device)
+                options = dict(
+                    prompt=prompt,
+                    min_ratio=min_ratio,
+                    min_effect=min_effect,
+                    min_ppl_ratio=min_ppl_ratio,
+                    max_verify=max_verify,
+                    verify_text=verify_text,
+                    verify_tokens=verify_tokens,
+                    dtype=compute,
+                    device=device,
+                )
                 result, doc = scan_model(model, known, expect, bars, allow_nonfinite=allow_nonfinite, ahead=ahead, **options)
             except SwtoolError as exc:
                 if len(models) == 1:

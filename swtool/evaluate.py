@@ -40,16 +40,13 @@ from swtool.families import family_of, linear_layers, linear_roles
 from swtool.formats.base import Checkpoint, Held
 from swtool.formats.open import open_checkpoint
 from swtool.model.forward import InputHook, LayerStream, MlpHook
-from swtool.model.stream import HEAD_CHUNK_ROWS
+from swtool.model.nll import batches, token_nll
 from swtool.model.tokenizer import load_tokenizer
 from swtool.readahead import ReadAhead
 from swtool.supers import find_super_weights
 
 WeightsHook = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 """(layer, loaded weights by role) -> the weights to run (edited, smoothed, fake-quantized...)."""
-
-LOGIT_BUDGET = 1 << 25
-"""Logit elements (fp32) alive at once while streaming the head: 128 MiB."""
 
 RESTORE_RATIO = 100.0
 """A token carries the super activation where |value| >= this times the median |down_proj output| (scan's spike rule)."""
@@ -137,10 +134,6 @@ def hidden_buffer(shape: tuple[int, ...], memory_limit: int) -> Iterator[torch.T
         yield torch.from_numpy(np.memmap(fh, dtype=np.float32, mode="r+", shape=shape))
 
 
-def batches(count: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
-
-
 def stream_windows(
     stream: LayerStream,
     windows: torch.Tensor,
@@ -163,32 +156,6 @@ def stream_windows(
         del weights
         if progress:
             progress(layer + 1, total + 1)
-
-
-def token_nll(stream: LayerStream, windows: torch.Tensor, hidden: torch.Tensor, batch: int) -> torch.Tensor:
-    """Next-token loss (windows, ctx-1) from the last layer's hidden states, head streamed in vocabulary chunks."""
-    names = stream.family.global_tensors(stream.config)
-    norm = stream.checkpoint.load(names["final_norm"], stream.dtype).to(stream.device) if "final_norm" in names else None
-    for part in batches(len(windows), batch):
-        hidden[part] = stream.norm(hidden[part].to(stream.device, stream.dtype), norm).float().cpu()
-    count, ctx = windows.shape
-    targets = windows[:, 1:].to(stream.device)
-    running_max = torch.full((count, ctx - 1), -math.inf, device=stream.device)
-    running_sum = torch.zeros((count, ctx - 1), device=stream.device)
-    target_logit = torch.zeros((count, ctx - 1), device=stream.device)
-    per_batch = max(1, LOGIT_BUDGET // (min(HEAD_CHUNK_ROWS, stream.config.vocab_size) * (ctx - 1)))
-    for rows, head in stream.head_chunks(stream.dtype):
-        start, stop = rows.start, rows.stop
-        for part in batches(count, per_batch):
-            logits = stream.softcap(torch.nn.functional.linear(hidden[part, :-1].to(stream.device, stream.dtype), head).float())
-            peak = torch.maximum(running_max[part], logits.amax(dim=-1))
-            running_sum[part] = running_sum[part] * torch.exp(running_max[part] - peak) + torch.exp(logits - peak[..., None]).sum(dim=-1)
-            running_max[part] = peak
-            target = targets[part]
-            inside = (target >= start) & (target < stop)
-            picked = logits.gather(-1, (target - start).clamp(0, stop - start - 1)[..., None]).squeeze(-1)
-            target_logit[part] = torch.where(inside, picked, target_logit[part])
-    return (running_max + running_sum.log() - target_logit).cpu()
 
 
 def restore_hook(plan: EditPlan, originals: dict[Held, float], layers: dict[str, int]) -> MlpHook:

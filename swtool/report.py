@@ -65,21 +65,28 @@ def _fmt(value: float) -> str:
 def render_scan(result: ScanResult) -> None:
     out = results()
     out.print(f"[bold]{result.model}[/] ({result.architecture}), prompt of {result.tokens} tokens, one streamed pass with {result.variants} variants")
-    table = Table(title="Super weights", title_justify="left")
-    for column in ("layer", "tensor", "row", "col", "value", "activation", "effect (KL, nats)"):
-        table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold" if column == "tensor" else "ellipsis")
-    for c in result.super_weights:
-        tensor = c.tensor if c.expert is None else f"{c.tensor} (expert {c.expert})"
-        table.add_row(str(c.layer), tensor, str(c.row), str(c.col), _fmt(c.value), _fmt(c.activation), _fmt(c.effect))
-    if result.super_weights:
-        out.print(table)
-    else:
-        out.print("No super weight found: no massive down_proj spike whose removal matters.")
-    rejected = [c for c in result.candidates if not c.is_super]
-    if rejected:
+    check = result.verification
+    if check.get("rows"):
         out.print(
-            f"{len(rejected)} other candidate(s) examined and rejected (effect below {_fmt(result.settings.get('effect_bar', float('nan')))} nats); see --json."
+            f"verified by perplexity on the {escape(str(check['text']))} text ({check['tokens']} tokens, {check['dtype']}, original perplexity {_fmt(check['ppl'])}): "
+            f"a super weight multiplies it by at least {_fmt(result.settings['min_ppl_ratio'])} when zeroed"
         )
+    verified = [c for c in result.candidates if c.ppl_ratio == c.ppl_ratio]
+    for title, rows in (("Super weights", result.super_weights), ("Candidates verified and rejected", [c for c in verified if not c.is_super])):
+        if not rows:
+            continue
+        table = Table(title=title, title_justify="left")
+        for column in ("layer", "tensor", "row", "col", "value", "activation", "effect (KL, nats)", "ppl ratio"):
+            table.add_column(column, justify="left" if column == "tensor" else "right", overflow="fold" if column == "tensor" else "ellipsis")
+        for c in rows:
+            tensor = c.tensor if c.expert is None else f"{c.tensor} (expert {c.expert})"
+            table.add_row(str(c.layer), tensor, str(c.row), str(c.col), _fmt(c.value), _fmt(c.activation), _fmt(c.effect), _fmt(c.ppl_ratio))
+        out.print(table)
+    if not result.super_weights:
+        out.print("No super weight found: no massive down_proj spike whose removal breaks the model (perplexity).")
+    unverified = len(result.candidates) - len(verified)
+    if unverified:
+        out.print(f"{unverified} other candidate(s) examined and not verified (effect below {_fmt(result.settings['min_effect'])} nats or beyond --max-verify); see --json.")
     layers = Table(title="down_proj maxima per layer", title_justify="left")
     for column in ("layer", "in max", "in ch", "out max", "out ch", "tok", "out/median"):
         layers.add_column(column, justify="right")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from tiny import write_tokenizer
+from tiny import text_log_frequencies, write_tokenizer
 
 CONFIG = dict(
     model_type="llama",
@@ -144,9 +144,18 @@ def gguf_file(path: Path, seed: int = 0, tensors: dict[str, np.ndarray] | None =
     return tensors
 
 
-def plant(tensors: dict[str, np.ndarray], layer: int, row: int, col: int, value: float = 30.0, gain: float = 25.0) -> None:
-    """A super weight at down_proj[row, col] of `layer`, fed by amplified gate/up rows `col` (as tiny.plant does)."""
+def plant(tensors: dict[str, np.ndarray], layer: int, row: int, col: int, value: float = 30.0, gain: float = 25.0, controls: bool = False) -> None:
+    """A super weight at down_proj[row, col] of `layer`, fed by amplified gate/up rows `col` (as tiny.plant does).
+
+    `controls`: make it control the model's predictions, as `tiny.plant_controlling` explains
+    (up row `col` = gate row `col`, and the LM head reads channel `row` as the built-in
+    text's token log frequencies), so that zeroing it raises perplexity and the scan's
+    verdict can call it a super weight.
+    """
     p = f"model.layers.{layer}.mlp."
     tensors[p + "gate_proj.weight"][col] *= gain
-    tensors[p + "up_proj.weight"][col] *= gain
+    tensors[p + "up_proj.weight"][col] = tensors[p + "gate_proj.weight"][col] if controls else tensors[p + "up_proj.weight"][col] * gain
     tensors[p + "down_proj.weight"][row, col] = value
+    if controls:
+        head = tensors["lm_head.weight"]
+        head[:, row] = text_log_frequencies(head.shape[0]).numpy() / head.shape[1] ** 0.5

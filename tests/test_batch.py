@@ -28,7 +28,7 @@ def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("batch") / "models"
     for name, (layer, row, col) in {"alpha": (0, 5, 20), "beta": (0, 9, 3)}.items():
         tensors = llama_tensors(CONFIG)
-        plant(tensors, layer, row, col)
+        plant(tensors, layer, row, col, controls=True)  # so that the scan's perplexity verdict calls it a super weight
         llama_dir(root / name, tensors=tensors)
     llama_dir(root / "broken")
     (root / "broken" / "model.safetensors").unlink()

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from test_families import CASES, IDS, TOKENS, check_against_transformers
-from tiny import build, plant
+from tiny import build, plant, plant_controlling
 from typer.testing import CliRunner
 
 from swtool.cli import app
@@ -43,9 +43,11 @@ def test_scan_on_cuda_reports_what_the_cpu_reports(tmp_path, family):
     cpu = scan(open_checkpoint(tmp_path))
     gpu = scan(open_checkpoint(tmp_path), device="cuda")
     assert [c.key for c in gpu.candidates] == [c.key for c in cpu.candidates]
-    assert [c.key for c in gpu.super_weights] == [c.key for c in cpu.super_weights] != []
+    assert [c.key for c in gpu.super_weights] == [c.key for c in cpu.super_weights]
+    assert cpu.verification["rows"] > 1  # candidates were verified on both devices (tiny models: not super weights)
     for ours, theirs in zip(gpu.candidates, cpu.candidates):
         assert ours.effect == pytest.approx(theirs.effect, rel=1e-3, abs=1e-4)
+        assert ours.ppl_ratio == pytest.approx(theirs.ppl_ratio, rel=0.05, nan_ok=True)  # bf16 on either device
         assert ours.activation == pytest.approx(theirs.activation, rel=1e-4)
     for ours, theirs in zip(gpu.layers, cpu.layers):
         assert (ours.out_channel, ours.in_channel) == (theirs.out_channel, theirs.in_channel)
@@ -54,7 +56,7 @@ def test_scan_on_cuda_reports_what_the_cpu_reports(tmp_path, family):
 
 def test_cli_scan_and_eval_on_cuda(tmp_path):
     model = build("llama", tmp_path / "model", seed=1)
-    plant(model, tmp_path / "model", [(1, 5, 17)])
+    plant_controlling(model, tmp_path / "model", 1, 5, 17)  # a weight the perplexity verdict accepts
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     found = json.loads(CliRunner().invoke(app, ["scan", str(tmp_path / "model"), "--json", "--device", "cuda"]).stdout)

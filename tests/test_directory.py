@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from swtool import directory
 from swtool.cli import app
 from swtool.errors import SwtoolError
+from tiny import build, plant_controlling
 
 # The list, transcribed independently of swtool/data/directory.json: (model, layer, row, col, source).
 PUBLISHED = [
@@ -99,7 +100,7 @@ def test_directory_command_json_and_table():
 
 def test_scan_output_appended_to_a_local_file_feeds_directory_and_expect(tmp_path):
     model_dir = tmp_path / "tiny-planted"
-    plant(build("llama", model_dir, seed=1), model_dir, [(1, 5, 17)])
+    plant_controlling(build("llama", model_dir, seed=1), model_dir, 1, 5, 17)  # a weight the perplexity verdict accepts
     mine = tmp_path / "mine.jsonl"
     first = swtool("scan", str(model_dir), "--json")
     assert first.returncode == 0
@@ -116,7 +117,7 @@ def test_scan_output_appended_to_a_local_file_feeds_directory_and_expect(tmp_pat
     assert [(e["layer"], e["row"], e["col"], e["status"]) for e in again["expected"]] == [(1, 5, 17, "found")]
     # A model with the super weight moved to another column: the entry's row is found elsewhere.
     moved = tmp_path / "moved"
-    plant(build("llama", moved, seed=1), moved, [(1, 5, 40)])
+    plant_controlling(build("llama", moved, seed=1), moved, 1, 5, 40)
     report = json.loads(swtool("scan", str(moved), "--json", "--directory-file", str(mine), "--expect", "tiny-planted").stdout)["expected"]
     assert [(r["status"], r["found_at"][0]["col"]) for r in report] == [("found elsewhere", 40)]
     # Against a published model whose coordinates a tiny model cannot hold: not found.

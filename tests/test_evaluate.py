@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import swtool.evaluate as evaluate_mod
+import swtool.model.nll as nll_mod
 import swtool.model.stream as stream_mod
 from swtool.ablation import EditPlan
 from swtool.cli import app
@@ -50,8 +50,8 @@ def test_chunked_head_and_disk_buffer_change_nothing(planted, monkeypatch):
     windows = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
     plain = perplexity(checkpoint, windows, batch=3)
     monkeypatch.setattr(stream_mod, "HEAD_CHUNK_ROWS", 7)  # 300-token vocabulary in 43 chunks, the last partial
-    monkeypatch.setattr(evaluate_mod, "HEAD_CHUNK_ROWS", 7)
-    monkeypatch.setattr(evaluate_mod, "LOGIT_BUDGET", 1)  # one window per head matmul
+    monkeypatch.setattr(nll_mod, "HEAD_CHUNK_ROWS", 7)
+    monkeypatch.setattr(nll_mod, "LOGIT_BUDGET", 1)  # one window per head matmul
     chunked = perplexity(checkpoint, windows, batch=2, memory_limit=0)  # hidden states memory-mapped from a file
     assert chunked == pytest.approx(plain, abs=1e-5)
 

@@ -111,7 +111,13 @@ def test_llama_cpp_runs_the_converted_gguf_as_swtool_does(tmp_path, case):
 
 
 def test_a_planted_expert_super_weight_in_gguf_is_found_and_held_in_its_own_expert(tmp_path):
-    """Scan of a GGUF Mixtral reports the merged tensor plus the expert; quantize's hold-out maps it back to that expert."""
+    """Scan of a GGUF Mixtral reports the merged tensor plus the expert; quantize's hold-out maps it back to that expert.
+
+    A tiny random model's perplexity does not depend on the planted weight, so it is a
+    candidate (not a verified super weight): its JSON entry goes through the hold-out's
+    resolution as `--super FILE` would send it."""
+    from swtool.detect import scan
+    from swtool.supers import resolve
     from tiny import plant
 
     from swtool.detect import scan
@@ -122,6 +128,7 @@ def test_a_planted_expert_super_weight_in_gguf_is_found_and_held_in_its_own_expe
     convert(tmp_path / "hf", tmp_path / "tiny.gguf")
     gg = open_checkpoint(tmp_path / "tiny.gguf")
     result = scan(gg)
-    assert [(c.layer, c.tensor, c.row, c.col, c.expert) for c in result.super_weights] == [(1, "blk.1.ffn_down_exps.weight", 5, 17, 1)]
-    held = from_scan(result, gg)
+    planted = [c for c in result.to_json()["candidates"] if (c["layer"], c["row"], c["col"]) == (1, 5, 17)]
+    assert [(c["tensor"], c["expert"]) for c in planted] == [("blk.1.ffn_down_exps.weight", 1)]
+    held = resolve(planted, gg, "scan")
     assert [(h.tensor, h.row, h.col) for h in held] == [("model.layers.1.block_sparse_moe.experts.1.w2.weight", 5, 17)]

@@ -125,14 +125,21 @@ def test_mixtral_experts_are_one_3d_tensor_per_projection(tmp_path):
 
 
 def test_a_planted_expert_super_weight_is_found_held_and_recorded_with_its_expert(tmp_path):
-    """quantize --format gguf --keep-super on an HF Mixtral: its own scan finds the weight in expert 1,
-    the merged tensor holding it is raised to Q8_0, and the record names the expert."""
+    """quantize --format gguf --keep-super on an HF Mixtral: the scan finds the weight in expert 1,
+    the merged tensor holding it is raised to Q8_0, and the record names the expert.
+
+    A tiny random model's perplexity does not depend on the planted weight, so the scan lists
+    it as a candidate, not a super weight; its scan entry is handed to quantize with --super."""
     from tiny import plant
 
     model = build("mixtral", tmp_path / "hf", seed=1)
     plant(model, tmp_path / "hf", [(1, 5, 17, 1)])  # expert 1 of this seed gets tokens on which channel 17 fires
+    scanned = json.loads(invoke("scan", tmp_path / "hf", "--json").stdout)
+    entry = [c for c in scanned["candidates"] if (c["layer"], c["row"], c["col"], c["expert"]) == (1, 5, 17, 1)]
+    assert len(entry) == 1
+    (tmp_path / "scan.json").write_text(json.dumps({"model": "m", "super_weights": entry}))
     out = tmp_path / "m.gguf"
-    result = invoke("quantize", tmp_path / "hf", "-o", out, "--format", "gguf", "--type", "Q4_0", "--keep-super")
+    result = invoke("quantize", tmp_path / "hf", "-o", out, "--format", "gguf", "--type", "Q4_0", "--keep-super", "--super", tmp_path / "scan.json")
     assert result.exit_code == 0, result.output
     assert "written as Q8_0" in result.output
     reader = gguf.GGUFReader(out)

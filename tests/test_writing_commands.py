@@ -33,7 +33,7 @@ DOWN = f"model.layers.{SUPER[0]}.mlp.down_proj.weight"
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     tensors = llama_tensors(CONFIG)
-    plant(tensors, *SUPER)
+    plant(tensors, *SUPER, controls=True)  # the scan | quantize pipeline below needs a real verdict
     directory = tmp_path_factory.mktemp("src") / "model"
     llama_dir(directory, tensors=tensors)
     return directory

@@ -84,8 +84,8 @@ def build(family: str, directory: Path, seed: int = 0, **overrides) -> torch.nn.
     return model
 
 
-def write_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A byte-level BPE with no merges: every byte is a token (ids < 256 < vocab_size)."""
+def byte_tokenizer():
+    """A byte-level BPE with no merges: every byte is a token (ids < 256)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -94,7 +94,20 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """`byte_tokenizer` saved as the model's tokenizer.json (its ids fit any vocab_size >= 256)."""
+    byte_tokenizer().save(str(directory / "tokenizer.json"))
+
+
+def text_log_frequencies(vocab_size: int) -> torch.Tensor:
+    """log(count + 0.5) of each token id in swtool's built-in text (the scan's verification text) under `byte_tokenizer`."""
+    from swtool.data.text import builtin_text
+
+    ids = torch.tensor(byte_tokenizer().encode(builtin_text()).ids)
+    return (torch.bincount(ids, minlength=vocab_size).float() + 0.5).log()
 
 
 def mlp_matrices(model: torch.nn.Module, layer: int, expert: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,4 +143,27 @@ def plant(model: torch.nn.Module, directory: Path, weights: list[tuple[int, ...]
             post_norm = getattr(model.model.layers[layer], "post_feedforward_layernorm", None)
             if post_norm is not None:
                 post_norm.weight[row] = value
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def plant_controlling(model: torch.nn.Module, directory: Path, layer: int, row: int, col: int, value: float = 30.0) -> None:
+    """Plant a super weight that really controls the model's predictions (tiny random models otherwise show no
+    perplexity effect, whatever is zeroed).
+
+    As `plant`, and besides: up row `col` equals gate row `col`, so the down input
+    silu(g) * g is never negative and the super activation has the sign of `value` on
+    every token; and the LM head reads that channel: head[:, row] holds the log
+    frequencies of the tokens of swtool's built-in text (the scan's verification text),
+    scaled so that the final norm's output (dominated by the super activation, about
+    sqrt(hidden) in channel `row`) gives logits close to those log frequencies. With the
+    weight the model predicts English byte frequencies; without it, random logits.
+    Llama-shaped dense families only (one MLP, a final RMSNorm).
+    """
+    with torch.no_grad():
+        gate, up, down = mlp_matrices(model, layer)
+        gate[col] *= 25.0
+        up[col] = gate[col]
+        down[row, col] = value
+        head = model.get_output_embeddings().weight
+        head[:, row] = text_log_frequencies(head.shape[0]) / model.config.hidden_size**0.5
     model.save_pretrained(directory, safe_serialization=True)

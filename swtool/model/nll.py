@@ -1,0 +1,49 @@
+"""Next-token loss of hidden states, the LM head streamed in vocabulary chunks (shared by eval and scan's verification).
+
+The full (rows x ctx x vocab) logits never exist: the head is loaded
+`HEAD_CHUNK_ROWS` vocabulary rows at a time and a running log-sum-exp keeps
+each position's normaliser, so memory is one chunk of the head plus at most
+`LOGIT_BUDGET` logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from swtool.model.forward import LayerStream
+from swtool.model.stream import HEAD_CHUNK_ROWS
+
+LOGIT_BUDGET = 1 << 25
+"""Logit elements (fp32) alive at once while streaming the head: 128 MiB."""
+
+
+def batches(count: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def token_nll(stream: LayerStream, windows: torch.Tensor, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+    """Next-token loss (windows, ctx-1) from the last layer's hidden states, head streamed in vocabulary chunks."""
+    names = stream.family.global_tensors(stream.config)
+    norm = stream.checkpoint.load(names["final_norm"], stream.dtype).to(stream.device) if "final_norm" in names else None
+    for part in batches(len(windows), batch):
+        hidden[part] = stream.norm(hidden[part].to(stream.device, stream.dtype), norm).float().cpu()
+    count, ctx = windows.shape
+    targets = windows[:, 1:].to(stream.device)
+    running_max = torch.full((count, ctx - 1), -math.inf, device=stream.device)
+    running_sum = torch.zeros((count, ctx - 1), device=stream.device)
+    target_logit = torch.zeros((count, ctx - 1), device=stream.device)
+    per_batch = max(1, LOGIT_BUDGET // (min(HEAD_CHUNK_ROWS, stream.config.vocab_size) * (ctx - 1)))
+    for rows, head in stream.head_chunks(stream.dtype):
+        start, stop = rows.start, rows.stop
+        for part in batches(count, per_batch):
+            logits = stream.softcap(torch.nn.functional.linear(hidden[part, :-1].to(stream.device, stream.dtype), head).float())
+            peak = torch.maximum(running_max[part], logits.amax(dim=-1))
+            running_sum[part] = running_sum[part] * torch.exp(running_max[part] - peak) + torch.exp(logits - peak[..., None]).sum(dim=-1)
+            running_max[part] = peak
+            target = targets[part]
+            inside = (target >= start) & (target < stop)
+            picked = logits.gather(-1, (target - start).clamp(0, stop - start - 1)[..., None]).squeeze(-1)
+            target_logit[part] = torch.where(inside, picked, target_logit[part])
+    return (running_max + running_sum.log() - target_logit).cpu()
