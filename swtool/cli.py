@@ -233,7 +233,7 @@ def directory(
 def quantize(
     model: Annotated[Path, typer.Argument(help="HF model directory or GGUF file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (or file, for --format gguf).")],
-    bits: Annotated[int, typer.Option(help="Bits per weight: 8, 4, 3 or 2.", rich_help_panel="Quantization")] = 4,
+    bits: Annotated[str, typer.Option(help="Bits per weight: 8, 4, 3 or 2; fp8 (E4M3, one scale per output channel) with --format compressed-tensors.", rich_help_panel="Quantization")] = "4",
     block: Annotated[str, typer.Option(help="Block: N consecutive elements of the row-major (out, in) weight, 'channel' (one row) or 'tensor'.", rich_help_panel="Quantization")] = "512",
     sym: Annotated[bool, typer.Option("--sym", help="Symmetric absmax scales instead of asymmetric min-max.", rich_help_panel="Quantization")] = False,
     clip: Annotated[str, typer.Option(help="Outlier clipping: none, z:K (per block, mean|w| + K std|w|), pct:P (per block, the 1-P quantile of |w|) or auto (per tensor, least error weighted by each input column's mean square on the scan prompt).", rich_help_panel="Quantization")] = "none",
@@ -241,7 +241,7 @@ def quantize(
     include_head: Annotated[bool, typer.Option("--include-head", help="Quantize the LM head too.", rich_help_panel="Quantization")] = False,
     keep_super: Annotated[bool, typer.Option("--keep-super/--no-keep-super", help="Hold super weights out of quantization and keep them exactly (fp16); with --format gguf they stay in their tensors, written at --super-type.", rich_help_panel="Super weights")] = True,
     super_file: Annotated[Optional[str], typer.Option("--super", help="`swtool scan --json` output naming the super weights (FILE, or - for stdin); without it quantize runs the scan.", rich_help_panel="Super weights")] = None,
-    out_format: Annotated[str, typer.Option("--format", help="Output format: safetensors or gguf.", rich_help_panel="Output")] = "safetensors",
+    out_format: Annotated[str, typer.Option("--format", help="Output format: safetensors, gguf or compressed-tensors (transformers and vLLM load it; super weights' modules stay unquantized).", rich_help_panel="Output")] = "safetensors",
     gguf_type: Annotated[Optional[str], typer.Option("--type", help="--format gguf: GGML type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 (default: Q8_0 for --bits 8, Q4_0 for --bits 4). --block/--sym/--clip apply to safetensors only.", rich_help_panel="GGUF")] = None,
     super_type: Annotated[str, typer.Option("--super-type", help="--format gguf: type of the tensors holding super weights (they stay in the tensor): Q8_0 or F16.", rich_help_panel="GGUF")] = "Q8_0",
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.", rich_help_panel="Output")] = "5GB",
@@ -259,20 +259,23 @@ def quantize(
         from swtool.codecs.rtn import QuantSpec, check_bits, parse_block, parse_clip
         from swtool.codecs.supers import from_scan, read_argument
         from swtool.provenance import provenance
-        from swtool.quantize import WRITERS, QuantizeJob, model_inputs, refuse_quantized, targets
+        from swtool.quantize import WRITERS, QuantizeJob, check_compressed, model_inputs, parse_bits, refuse_quantized, targets
         from swtool.report import progress_bar, render_quantize
 
-        spec = QuantSpec(check_bits(bits), parse_block(block), sym, parse_clip(clip))
+        width, float8 = parse_bits(bits, out_format)
+        spec = QuantSpec(check_bits(width), parse_block(block), sym, parse_clip(clip))
         max_bytes = parse_size(max_shard_size)
         if out_format not in WRITERS:
             raise SwtoolError(f"--format {out_format!r}: expected one of {', '.join(WRITERS)}")
         if super_file is not None and not keep_super:
             raise SwtoolError("--super and --no-keep-super contradict each other")
         writer, is_directory = WRITERS[out_format]
-        ggml_type = gguf_types(out_format, gguf_type, bits, super_type)
+        ggml_type = gguf_types(out_format, gguf_type, width, super_type)
         checkpoint = open_checkpoint(model, allow_nonfinite=allow_nonfinite)
         ahead.stop()
         refuse_quantized(checkpoint)
+        if out_format == "compressed-tensors":
+            check_compressed(checkpoint, spec, float8, include_embeddings, include_head)
         check_target(output, [model], force)
         digests = {}
         held = []
@@ -285,7 +288,7 @@ def quantize(
             with progress_bar(f"scan {model.name}", enabled=not quiet) as progress:
                 held = from_scan(run_scan(checkpoint, progress=progress), checkpoint)
         options = {
-            "bits": bits, "block": spec.block, "sym": sym, "clip": str(spec.clip), "keep_super": keep_super,
+            "bits": "fp8" if float8 else width, "block": spec.block, "sym": sym, "clip": str(spec.clip), "keep_super": keep_super,
             "super": "scan" if super_file is None and keep_super else super_file, "include_embeddings": include_embeddings,
             "include_head": include_head, "format": out_format, "max_shard_size": max_shard_size, "allow_nonfinite": allow_nonfinite,
         }
@@ -300,6 +303,7 @@ def quantize(
             max_bytes,
             gguf_type=ggml_type or "Q4_0",
             super_type=super_type,
+            float8=float8,
         )
         with atomic_output(output, directory=is_directory, inputs=[model], force=force) as temp:
             with progress_bar(f"quantize {model.name}", enabled=not quiet) as progress:

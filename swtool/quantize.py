@@ -20,12 +20,14 @@ import torch
 from swtool.arch import family_of
 from swtool.formats.base import Checkpoint
 from swtool.formats.quantized_in import QuantizedCheckpoint
+from swtool.formats.compressed_tensors import schema as ct_schema, writer as ct_writer
+from swtool.formats.compressed_tensors.reader import CompressedTensorsCheckpoint
 from swtool.formats.hf_export import export_hf, exported_names, write_model_files, write_weights
 from swtool.formats.safetensors_out import TORCH_TO_ST, PlannedTensor, ShardedWriter
 from swtool.errors import SwtoolError
 from swtool.codecs import layout
 from swtool.codecs.importance import input_importance
-from swtool.codecs.rtn import QuantSpec, quantize
+from swtool.codecs.rtn import Clip, QuantSpec, quantize
 from swtool.codecs.supers import Held
 from swtool.workers import parallel_chunks
 
@@ -62,6 +64,8 @@ class QuantizeJob:
     """--format gguf: the GGML tensor type (see swtool.formats.gguf_out for which tensors get it)."""
     super_type: str = "Q8_0"
     """--format gguf: the type of tensors holding a held super weight (they stay in the tensor)."""
+    float8: bool = False
+    """--format compressed-tensors --bits fp8: E4M3 weights instead of integers."""
 
 
 @dataclass
@@ -164,6 +168,8 @@ def copy_model_files(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype
         for name in MODEL_FILES:
             if (checkpoint.path / name).is_file():
                 shutil.copyfile(checkpoint.path / name, directory / name)
+        if isinstance(checkpoint, CompressedTensorsCheckpoint):  # its quantization_config describes tensors we do not copy
+            drop_quantization_config(directory / "config.json")
     else:
         write_model_files(checkpoint, directory, dtype)
 
@@ -187,16 +193,104 @@ def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -
     return QuantizeReport(quantized, len(plan.tensors) - quantized, held, held_how=how, notes=plan.notes)
 
 
+# ---- compressed-tensors output (issue #17) -------------------------------------------------------------
+
+
+def parse_bits(text: str, out_format: str) -> tuple[int, bool]:
+    """--bits: (width, whether FP8); fp8 only for --format compressed-tensors."""
+    if text.strip().lower() == "fp8":
+        if out_format != "compressed-tensors":
+            raise SwtoolError("--bits fp8 applies to --format compressed-tensors only")
+        return 8, True
+    try:
+        return int(text), False
+    except ValueError:
+        raise SwtoolError(f"--bits {text!r}: expected 8, 4, 3 or 2 (or fp8 with --format compressed-tensors)") from None
+
+
+def compressed_layout(job: QuantizeJob, targets: list[str]) -> ct_writer.Layout:
+    """The one scheme every quantized module of a compressed-tensors output gets."""
+    spec, checkpoint = job.spec, job.checkpoint
+    if job.float8:
+        scheme = ct_schema.WeightScheme(8, "float", True, "channel")
+    elif spec.block == "channel":
+        scheme = ct_schema.WeightScheme(spec.bits, "int", spec.sym, "channel")
+    else:
+        scheme = ct_schema.WeightScheme(spec.bits, "int", spec.sym, "group", int(spec.block))
+    dtype = native_dtype(checkpoint, targets[0]) if targets else torch.float16
+    return ct_writer.Layout(scheme, tuple(targets), dtype)
+
+
+def check_compressed(checkpoint: Checkpoint, spec: QuantSpec, float8: bool, include_embeddings: bool, include_head: bool) -> None:
+    """Refuse, before any work, what a compressed-tensors output cannot hold."""
+    if include_embeddings:
+        raise SwtoolError("--format compressed-tensors quantizes linear layers only; drop --include-embeddings")
+    if checkpoint.config.num_experts:
+        raise SwtoolError("--format compressed-tensors: MoE models are not supported (their experts are not one nn.Linear each in transformers)")
+    chosen = targets(checkpoint, False, include_head)
+    if include_head and "lm_head.weight" not in chosen:
+        raise SwtoolError("--include-head: the head is tied to the embeddings (no lm_head.weight of its own); drop --include-head")
+    if not chosen:
+        raise SwtoolError(f"{checkpoint.path}: no quantizable tensor (no 2-D projection weight)")
+    if float8:
+        return
+    if spec.block == "tensor":
+        raise SwtoolError("--format compressed-tensors takes --block N (a group dividing every row) or channel, not tensor")
+    if spec.block != "channel":
+        ct_writer.check_group(checkpoint, chosen, int(spec.block))
+
+
+def write_compressed_tensors(job: QuantizeJob, directory: Path, progress: Progress | None = None) -> QuantizeReport:
+    """A compressed-tensors directory transformers and vLLM load; modules holding super weights stay unquantized."""
+    checkpoint = job.checkpoint
+    held = held_values(job)
+    kept = {sibling for tensor in held for sibling in ct_schema.fused_siblings(tensor) if checkpoint.has(sibling)}
+    chosen = [n for n in job.targets if n not in kept]
+    if not chosen:
+        raise SwtoolError(f"{checkpoint.path}: no quantizable tensor left once the super weights' modules are kept")
+    layout = compressed_layout(job, chosen)
+    names = exported_names(checkpoint)
+    meta = {"swtool.format": ct_schema.METHOD, "swtool.super": json.dumps([{"tensor": t, "row": r, "col": c, "value": v} for t, rows in held.items() for r, c, v in rows])}
+    spec = job.spec
+    meta["swtool.codecs"] = json.dumps({"bits": "fp8" if job.float8 else spec.bits, "block": "channel" if job.float8 else spec.block, "sym": spec.sym or job.float8, "clip": str(spec.clip), "dtype": str(layout.scale_dtype).removeprefix("torch.")})
+    importance = input_importance(checkpoint) if spec.clip.kind == "auto" and not job.float8 else {}
+    with parallel_chunks():
+        thresholds = ct_writer.write_shards(
+            checkpoint, directory, names, lambda n: native_dtype(checkpoint, n), layout, {**meta, **job.provenance}, job.max_shard_bytes,
+            spec.clip if not job.float8 else Clip(), importance, progress,
+        )
+    copy_model_files(checkpoint, directory, layout.scale_dtype)
+    shapes = {n: checkpoint.shape(n) for n in names}
+    ct_writer.add_quantization_config(directory, layout, ct_writer.ignored_modules(names, shapes, set(chosen)))
+    dtype = str(layout.scale_dtype).removeprefix("torch.")
+    report = QuantizeReport(len(chosen), len(names) - len(chosen), [(t, r, c, v) for t, rows in held.items() for r, c, v in rows], thresholds, held_how=f"its module kept unquantized in {dtype}, in `ignore`")
+    siblings = sorted(kept - set(held))
+    if siblings:
+        report.notes.append(f"kept unquantized too, as vLLM fuses them with a super weight's module: {', '.join(siblings)}")
+    return report
+
+
+def drop_quantization_config(path: Path) -> None:
+    """Remove a copied config.json's quantization_config: the tensors written beside it are not compressed-tensors'."""
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ---- end of compressed-tensors output ---------------------------------------------------------------------
+
+
 WRITERS: dict[str, tuple[Callable[[QuantizeJob, Path, Progress | None], QuantizeReport], bool]] = {
     "safetensors": (write_safetensors, True),
     "gguf": (write_gguf, False),
+    "compressed-tensors": (write_compressed_tensors, True),
 }
 """--format -> (writer, whether the output is a directory)."""
 
 
-def require_quantized(checkpoint: Checkpoint) -> QuantizedCheckpoint:
-    if not isinstance(checkpoint, QuantizedCheckpoint):
-        raise SwtoolError(f"{checkpoint.path}: neither a GGUF file nor a swtool-quantized checkpoint (no swtool.format in its safetensors metadata)")
+def require_quantized(checkpoint: Checkpoint) -> QuantizedCheckpoint | CompressedTensorsCheckpoint:
+    if not isinstance(checkpoint, (QuantizedCheckpoint, CompressedTensorsCheckpoint)):
+        raise SwtoolError(f"{checkpoint.path}: neither a GGUF file nor a swtool-quantized checkpoint (no swtool.format in its safetensors metadata) or a compressed-tensors one")
     return checkpoint
 
 
@@ -217,9 +311,9 @@ def dequantize_to(
         export_hf(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": "gguf", **(provenance or {})})
         return dtype
     checkpoint = require_quantized(checkpoint)
-    dtype = dtype or checkpoint.header.dtype
+    dtype = dtype or (checkpoint.header.dtype if isinstance(checkpoint, QuantizedCheckpoint) else checkpoint.model_dtype())
     with parallel_chunks():
-        write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT, **(provenance or {})})
+        write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": checkpoint.format, **(provenance or {})})
     copy_model_files(checkpoint, directory, dtype)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())

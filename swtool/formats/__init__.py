@@ -1,4 +1,4 @@
-"""Open any checkpoint swtool reads: an HF directory, a swtool-quantized directory or a GGUF file, checked against its config."""
+"""Open any checkpoint swtool reads: an HF directory, a swtool-quantized or compressed-tensors directory or a GGUF file, checked against its config."""
 
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise SwtoolError(f"{path}: no such file or directory")
     if path.is_dir():
+        from swtool.formats.compressed_tensors.reader import CompressedTensorsCheckpoint, is_compressed_tensors
+
+        if is_compressed_tensors(path):
+            return CompressedTensorsCheckpoint(path)
         from swtool.formats.quantized_in import QuantizedCheckpoint, directory_metadata
         from swtool.formats.safetensors_in import SafetensorsCheckpoint
         from swtool.codecs.layout import is_quantized

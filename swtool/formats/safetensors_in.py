@@ -43,6 +43,7 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "I8": (np.dtype("i1"), torch.int8),
     "U8": (np.dtype("u1"), torch.uint8),
     "BOOL": (np.dtype("?"), torch.bool),
+    "F8_E4M3": (np.dtype("u1"), torch.float8_e4m3fn),
 }
 
 READ_BLOCK_BYTES = 16 * 1024 * 1024

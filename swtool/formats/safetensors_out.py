@@ -33,8 +33,9 @@ TORCH_TO_ST = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
 }
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1}
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class ShardedWriter:
         data = tensor.detach().contiguous().cpu()
         if data.dtype == torch.bfloat16:
             data = data.view(torch.int16)
+        elif data.dtype == torch.float8_e4m3fn:  # numpy has no float8: write its bytes
+            data = data.view(torch.uint8)
         assert self._handle is not None
         self._handle.write(np.ascontiguousarray(data.numpy()).tobytes(order="C"))
         self._position += 1
