@@ -23,6 +23,7 @@ import torch
 from swtool.arch import Family, family_of
 from swtool.formats import PICKLE_SUFFIXES
 from swtool.formats.base import Checkpoint
+from swtool.formats.compressed_tensors.reader import CompressedTensorsCheckpoint
 from swtool.config import ModelConfig
 from swtool.errors import SwtoolError
 from swtool.codecs.ggml import QType
@@ -254,6 +255,25 @@ def edit_checkpoint(checkpoint: Checkpoint, out: Path, plan: EditPlan, *, force:
     if checkpoint.format == "gguf":
         with atomic_output(out, directory=False, inputs=[checkpoint.path], force=force) as temp:
             return edit_gguf(checkpoint, temp, plan)
+    if isinstance(checkpoint, CompressedTensorsCheckpoint):
+        return edit_compressed_tensors(checkpoint, out, plan, force, max_shard_bytes)
     with atomic_output(out, directory=True, inputs=[checkpoint.path], force=force) as temp:
         edit_safetensors(checkpoint, temp, plan, max_shard_bytes)
+    return []
+
+
+def edit_compressed_tensors(checkpoint: CompressedTensorsCheckpoint, out: Path, plan: EditPlan, force: bool, max_shard_bytes: int) -> list[str]:
+    """Edit the unquantized modules of a compressed-tensors checkpoint (the super weights' are): its stored tensors are
+    streamed as they are, quantization_config included, so the output stays what transformers and vLLM load."""
+    from swtool.formats.atomic import atomic_output
+
+    linear = linear_layers(checkpoint)
+    quantized = [name for name in checkpoint.names() if checkpoint.quantized(name) and plan.touches(name, linear)]
+    if quantized:
+        raise SwtoolError(
+            f"{checkpoint.path}: the edit would change {quantized[0]}, which is stored quantized (compressed-tensors); "
+            "edit only reaches unquantized modules here: `swtool dequantize` first to edit it"
+        )
+    with atomic_output(out, directory=True, inputs=[checkpoint.path], force=force) as temp:
+        edit_safetensors(checkpoint.store, temp, plan, max_shard_bytes)
     return []

@@ -96,7 +96,7 @@ class CompressedTensorsCheckpoint(Checkpoint):
             return self.store.stored_dtype(name)
         return f"{entry.scheme.type.upper()}{entry.scheme.num_bits}"
 
-    def scale_dtype(self, name: str) -> torch.dtype:
+    def default_dtype(self, name: str) -> torch.dtype:
         """The dtype a quantized weight is rebuilt in (its scales'): the model's own, as the package keeps it."""
         entry = self._entries[name]
         return FLOAT_TYPES[self.store.stored_dtype(f"{entry.module}.{schema.SCALE_LEAF}")] if entry else FLOAT_TYPES.get(self.store.stored_dtype(name), torch.float32)
@@ -105,7 +105,7 @@ class CompressedTensorsCheckpoint(Checkpoint):
         """The dtype a dequantized copy uses by default: the scales' (the package rebuilds weights in it)."""
         for name, entry in self._entries.items():
             if entry is not None:
-                return self.scale_dtype(name)
+                return self.default_dtype(name)
         return torch.float32
 
     def _read(self, name: str, rows: Rows) -> torch.Tensor:
