@@ -100,7 +100,10 @@ def targets(checkpoint: Checkpoint, include_embeddings: bool = False, include_he
 
 
 def native_dtype(checkpoint: Checkpoint, name: str) -> torch.dtype:
-    """The dtype a tensor is stored in, where that is a float dtype torch has; fp16 for GGUF block types."""
+    """The dtype a tensor is stored in, where that is a float dtype torch has; fp16 for GGUF block types;
+    for a compressed-tensors quantized weight, its scales' (the dtype it is rebuilt in)."""
+    if isinstance(checkpoint, CompressedTensorsCheckpoint):
+        return checkpoint.default_dtype(name)
     return FLOAT_TYPES.get(checkpoint.stored_dtype(name), torch.float16)
 
 

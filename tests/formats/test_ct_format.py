@@ -274,6 +274,8 @@ def test_requantize_to_swtool_rtn(outputs, tmp_path):
     result = cli("quantize", outputs["fp8"], "-o", tmp_path / "rtn", "--no-keep-super", "--bits", "8", "--block", "64", "-q")
     assert result.exit_code == 0, result.output
     assert "quantization_config" not in json.loads((tmp_path / "rtn" / "config.json").read_text())
+    with safe_open(str(tmp_path / "rtn" / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["swtool.codecs"])["dtype"] == "float32"  # the source's (its scales'), not a fallback
     a, b = swtool.load_state_dict(outputs["fp8"]), swtool.load_state_dict(tmp_path / "rtn")
     name = "model.layers.2.mlp.up_proj.weight"
     assert (a[name].float() - b[name].float()).abs().max() < 0.01 * a[name].float().abs().max()
