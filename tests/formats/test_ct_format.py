@@ -346,3 +346,20 @@ def test_a_model_without_quantizable_tensors(tmp_path):
     assert result.exit_code == 2 and not out.exists(), result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "no quantizable tensor" in lines[0]
+
+
+def test_damaged_checkpoint_is_one_line(outputs, tmp_path):
+    """A weight_shape that disagrees with the packed codes is refused with the module's name, not a traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(outputs["int4-sym-channel"], broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.weight_shape"] = torch.tensor([64, 96])
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    result = cli("dequantize", broken, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model.layers.0.self_attn.q_proj" in lines[0], result.output
