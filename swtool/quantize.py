@@ -236,6 +236,8 @@ def check_compressed(checkpoint: Checkpoint, spec: QuantSpec, float8: bool, incl
     if not chosen:
         raise SwtoolError(f"{checkpoint.path}: no quantizable tensor (no 2-D projection weight)")
     if float8:
+        if spec.clip.kind != "none":
+            raise SwtoolError("--bits fp8 rounds each weight to E4M3 with one scale per channel; --clip applies to integer widths only")
         return
     if spec.block == "tensor":
         raise SwtoolError("--format compressed-tensors takes --block N (a group dividing every row) or channel, not tensor")

@@ -314,6 +314,7 @@ def bad(tmp_path: Path, model: Path, *args: str) -> str:
         (["--bits", "fp9"], "--bits 'fp9'"),
         (["--block", "tensor"], "not tensor"),
         (["--include-embeddings"], "--include-embeddings"),
+        (["--bits", "fp8", "--clip", "z:3"], "integer widths only"),
     ],
 )
 def test_bad_options(model, tmp_path, args, message):
