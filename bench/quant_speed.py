@@ -103,7 +103,7 @@ def child(kind: str, source: Path, setting: str) -> None:
     import torch
 
     from swtool.formats.open import open_checkpoint
-    from swtool.quantize import native_dtype, targets
+    from swtool.quantize import targets
 
     checkpoint = open_checkpoint(source)
     names = targets(checkpoint)
@@ -114,7 +114,7 @@ def child(kind: str, source: Path, setting: str) -> None:
         qtype = gguf.GGMLQuantizationType[setting]
         for name in names:
             array = checkpoint.load(name, torch.float32).numpy()
-            nbytes += array.size * native_dtype(checkpoint, name).itemsize
+            nbytes += array.size * checkpoint.native_dtype(name).itemsize
             started, started_cpu = time.perf_counter(), time.process_time()
             gguf.quants.quantize(array, qtype)
             seconds += time.perf_counter() - started
@@ -128,7 +128,7 @@ def child(kind: str, source: Path, setting: str) -> None:
         spec = QuantSpec(int(bits), parse_block(block))
         with parallel_chunks():  # as `swtool quantize` runs it
             for name in names:
-                weight = checkpoint.load(name, native_dtype(checkpoint, name))
+                weight = checkpoint.load(name, checkpoint.native_dtype(name))
                 nbytes += weight.numel() * weight.element_size()
                 started, started_cpu = time.perf_counter(), time.process_time()
                 quantize(weight, spec)

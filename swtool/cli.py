@@ -259,7 +259,7 @@ def directory(
 def quantize(
     model: Annotated[Path, typer.Argument(help="HF model directory or GGUF file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (or file, for --format gguf).")],
-    bits: Annotated[int, typer.Option(help="Bits per weight: 8, 4, 3 or 2.", rich_help_panel="Quantization")] = 4,
+    bits: Annotated[str, typer.Option(metavar="N|fp8", help="Bits per weight: 8, 4, 3 or 2; fp8 (E4M3, one scale per output channel) with --format compressed-tensors.", rich_help_panel="Quantization")] = "4",
     block: Annotated[str, typer.Option(help="Block: N consecutive elements of the row-major (out, in) weight, 'channel' (one row) or 'tensor'.", rich_help_panel="Quantization")] = "512",
     sym: Annotated[bool, typer.Option("--sym", help="Symmetric absmax scales instead of asymmetric min-max.", rich_help_panel="Quantization")] = False,
     clip: Annotated[str, typer.Option(help="Outlier clipping: none, z:K (per block, mean|w| + K std|w|), pct:P (per block, the 1-P quantile of |w|) or auto (per tensor, least error weighted by each input column's mean square on the scan prompt).", rich_help_panel="Quantization")] = "none",
@@ -267,7 +267,7 @@ def quantize(
     include_head: Annotated[bool, typer.Option("--include-head", help="Quantize the LM head too.", rich_help_panel="Quantization")] = False,
     keep_super: Annotated[bool, typer.Option("--keep-super/--no-keep-super", help="Hold super weights out of quantization and keep them exactly (fp16); with --format gguf they stay in their tensors, written at --super-type.", rich_help_panel="Super weights")] = True,
     super_file: Annotated[Optional[str], typer.Option("--super", help="`swtool scan --json` output naming the super weights (FILE, or - for stdin); without it quantize runs the scan.", rich_help_panel="Super weights")] = None,
-    out_format: Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors or gguf (default: gguf when OUT ends in .gguf, else safetensors).", rich_help_panel="Output")] = None,
+    out_format: Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors (swtool-rtn), gguf, or compressed-tensors (transformers and vLLM load it; super weights' modules stay unquantized). Default: gguf when OUT ends in .gguf, else safetensors.", rich_help_panel="Output")] = None,
     gguf_type: Annotated[Optional[str], typer.Option("--type", help="--format gguf: GGML type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 (default: Q8_0 for --bits 8, Q4_0 for --bits 4). --block/--sym/--clip apply to safetensors only.", rich_help_panel="GGUF")] = None,
     super_type: Annotated[str, typer.Option("--super-type", help="--format gguf: type of the tensors holding super weights (they stay in the tensor): Q8_0 or F16.", rich_help_panel="GGUF")] = "Q8_0",
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.", rich_help_panel="Output")] = "5GB",

@@ -14,22 +14,29 @@ from swtool.formats.hf.export import copy_model_files, export_hf, write_weights
 from swtool.formats.hf.writer import parse_size
 from swtool.formats.open import open_checkpoint
 from swtool.formats.rtn import layout
-from swtool.formats.rtn.reader import QuantizedCheckpoint
+from swtool.formats.compressed_tensors import schema as ct_schema
 from swtool.provenance import model_inputs, provenance
 from swtool.readahead import ReadAhead
 from swtool.workers import parallel_chunks
 
 
-def require_quantized(checkpoint: Checkpoint) -> QuantizedCheckpoint:
-    if not isinstance(checkpoint, QuantizedCheckpoint):
-        raise SwtoolError(f"{checkpoint.path}: neither a GGUF file nor a swtool-quantized checkpoint (no swtool.format in its safetensors metadata)")
+QUANTIZED_FORMATS = (layout.FORMAT, ct_schema.METHOD)
+"""Directory formats whose tensors are dequantized on reading (GGUF files are handled apart)."""
+
+
+def require_quantized(checkpoint: Checkpoint) -> Checkpoint:
+    if checkpoint.format not in QUANTIZED_FORMATS:
+        raise SwtoolError(
+            f"{checkpoint.path}: neither a GGUF file nor a swtool-quantized checkpoint (no swtool.format in its "
+            "safetensors metadata) or a compressed-tensors one (no quantization_config in config.json)"
+        )
     return checkpoint
 
 
 def dequantize_to(
     checkpoint: Checkpoint, directory: Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, provenance: dict[str, str] | None = None
 ) -> torch.dtype:
-    """Write a swtool-quantized checkpoint or a GGUF file as a standard HF directory; returns the dtype written.
+    """Write a quantized checkpoint (swtool-rtn, compressed-tensors) or a GGUF file as a standard HF directory; returns the dtype written.
 
     A GGUF is dequantized tensor by tensor (Q/K un-permuted by the reader), fp16 unless asked otherwise.
     """
@@ -38,9 +45,9 @@ def dequantize_to(
         export_hf(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": "gguf", **(provenance or {})})
         return dtype
     checkpoint = require_quantized(checkpoint)
-    dtype = dtype or checkpoint.header.dtype
+    dtype = dtype or checkpoint.model_dtype()
     with parallel_chunks():
-        write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": layout.FORMAT, **(provenance or {})})
+        write_weights(checkpoint, directory, dtype, max_shard_bytes, {"swtool.dequantized_from": checkpoint.format, **(provenance or {})})
     copy_model_files(checkpoint, directory, dtype)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())

@@ -18,6 +18,7 @@ from swtool.ablation import EditPlan, edit_tensor
 from swtool.errors import SwtoolError
 from swtool.families import linear_layers
 from swtool.formats.atomic import atomic_output, check_target
+from swtool.formats.compressed_tensors import schema as ct_schema
 from swtool.formats.base import STORAGE, Checkpoint
 from swtool.formats.gguf.patch import patch_gguf
 from swtool.formats.hf.writer import PlannedTensor, ShardedWriter, parse_size
@@ -98,9 +99,24 @@ def edit_checkpoint(checkpoint: Checkpoint, out: Path, plan: EditPlan, *, force:
     if checkpoint.format == "gguf":
         with atomic_output(out, directory=False, inputs=[checkpoint.path], force=force) as temp:
             return edit_gguf(checkpoint, temp, plan)
+    if checkpoint.format == ct_schema.METHOD:
+        refuse_quantized_edits(checkpoint, plan)
+        checkpoint = checkpoint.store  # stored tensors streamed as they are, quantization_config included
     with atomic_output(out, directory=True, inputs=[checkpoint.path], force=force) as temp:
         edit_safetensors(checkpoint, temp, plan, max_shard_bytes)
     return []
+
+
+def refuse_quantized_edits(checkpoint: Checkpoint, plan: EditPlan) -> None:
+    """A compressed-tensors checkpoint is edited in its unquantized modules only (where its super weights are kept),
+    so the output stays what transformers and vLLM load."""
+    linear = linear_layers(checkpoint.config)
+    quantized = [name for name in checkpoint.names() if checkpoint.quantized(name) and plan.touches(name, linear)]
+    if quantized:
+        raise SwtoolError(
+            f"{checkpoint.path}: the edit would change {quantized[0]}, which is stored quantized (compressed-tensors); "
+            "edit only reaches unquantized modules here: `swtool dequantize` first to edit it"
+        )
 
 
 def edit_model(

@@ -8,6 +8,7 @@ super weights to hold out, then hand the job to the output format's writer
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -17,13 +18,15 @@ from typing import TextIO
 
 import torch
 
-from swtool.codecs.rtn import QuantSpec, check_bits, parse_block, parse_clip
+from swtool.codecs.rtn import Clip, QuantSpec, check_bits, parse_block, parse_clip
 from swtool.detect import scan
 from swtool.errors import SwtoolError
 from swtool.formats.atomic import atomic_output, check_target
 from swtool.formats.base import Checkpoint, Held
+from swtool.formats.compressed_tensors import schema as ct_schema
+from swtool.formats.compressed_tensors import writer as ct_writer
 from swtool.formats.gguf import writer as gguf_out
-from swtool.formats.hf.export import exported_names
+from swtool.formats.hf.export import copy_model_files, exported_names
 from swtool.formats.hf.writer import parse_size
 from swtool.formats.open import open_checkpoint
 from swtool.formats.rtn import layout
@@ -32,6 +35,7 @@ from swtool.formats.rtn.writer import write_rtn
 from swtool.importance import input_importance
 from swtool.provenance import model_inputs, provenance
 from swtool.readahead import ReadAhead
+from swtool.workers import parallel_chunks
 from swtool.supers import from_scan, read_argument
 
 Progress = Callable[[int, int], None]
@@ -53,6 +57,8 @@ class QuantizeJob:
     """--format gguf: the GGML tensor type (see swtool.formats.gguf.writer for which tensors get it)."""
     super_type: str = "Q8_0"
     """--format gguf: the type of tensors holding a held super weight (they stay in the tensor)."""
+    float8: bool = False
+    """--format compressed-tensors --bits fp8: E4M3 weights instead of integers."""
 
 
 @dataclass
@@ -120,9 +126,89 @@ def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -
     return QuantizeReport(quantized, len(plan.tensors) - quantized, held, held_how=how, notes=plan.notes)
 
 
+# ---- compressed-tensors output (the format's own rules: formats/compressed_tensors) -------------------------
+
+
+def parse_bits(text: str, out_format: str) -> tuple[int, bool]:
+    """--bits: (width, whether FP8); fp8 only for --format compressed-tensors."""
+    if text.strip().lower() == "fp8":
+        if out_format != "compressed-tensors":
+            raise SwtoolError("--bits fp8 applies to --format compressed-tensors only")
+        return 8, True
+    try:
+        return int(text), False
+    except ValueError:
+        raise SwtoolError(f"--bits {text!r}: expected 8, 4, 3 or 2 (or fp8 with --format compressed-tensors)") from None
+
+
+def compressed_layout(job: QuantizeJob, targets: list[str]) -> ct_writer.Layout:
+    """The one scheme every quantized module of a compressed-tensors output gets."""
+    spec, checkpoint = job.spec, job.checkpoint
+    if job.float8:
+        scheme = ct_schema.WeightScheme(8, "float", True, "channel")
+    elif spec.block == "channel":
+        scheme = ct_schema.WeightScheme(spec.bits, "int", spec.sym, "channel")
+    else:
+        scheme = ct_schema.WeightScheme(spec.bits, "int", spec.sym, "group", int(spec.block))
+    dtype = checkpoint.native_dtype(targets[0]) if targets else torch.float16
+    return ct_writer.Layout(scheme, tuple(targets), dtype)
+
+
+def check_compressed(checkpoint: Checkpoint, spec: QuantSpec, float8: bool, include_embeddings: bool, include_head: bool) -> None:
+    """Refuse, before any work, what a compressed-tensors output cannot hold."""
+    if include_embeddings:
+        raise SwtoolError("--format compressed-tensors quantizes linear layers only; drop --include-embeddings")
+    if checkpoint.config.num_experts:
+        raise SwtoolError("--format compressed-tensors: MoE models are not supported (their experts are not one nn.Linear each in transformers)")
+    chosen = targets(checkpoint, False, include_head)
+    if include_head and "lm_head.weight" not in chosen:
+        raise SwtoolError("--include-head: the head is tied to the embeddings (no lm_head.weight of its own); drop --include-head")
+    if not chosen:
+        raise SwtoolError(f"{checkpoint.path}: no quantizable tensor (no 2-D projection weight)")
+    if float8:
+        if spec.clip.kind != "none":
+            raise SwtoolError("--bits fp8 rounds each weight to E4M3 with one scale per channel; --clip applies to integer widths only")
+        return
+    if spec.block == "tensor":
+        raise SwtoolError("--format compressed-tensors takes --block N (a group dividing every row) or channel, not tensor")
+    if spec.block != "channel":
+        ct_writer.check_group(checkpoint, chosen, int(spec.block))
+
+
+def write_compressed_tensors(job: QuantizeJob, directory: Path, progress: Progress | None = None) -> QuantizeReport:
+    """A compressed-tensors directory transformers and vLLM load; modules holding super weights stay unquantized."""
+    checkpoint = job.checkpoint
+    held = held_values(job)
+    kept = {sibling for tensor in held for sibling in ct_schema.fused_siblings(tensor) if checkpoint.has(sibling)}
+    chosen = [n for n in job.targets if n not in kept]
+    if not chosen:
+        raise SwtoolError(f"{checkpoint.path}: no quantizable tensor left once the super weights' modules are kept")
+    layout = compressed_layout(job, chosen)
+    names = exported_names(checkpoint)
+    meta = {"swtool.format": ct_schema.METHOD, "swtool.super": json.dumps([{"tensor": t, "row": r, "col": c, "value": v} for t, rows in held.items() for r, c, v in rows])}
+    spec = job.spec
+    meta["swtool.quant"] = json.dumps({"bits": "fp8" if job.float8 else spec.bits, "block": "channel" if job.float8 else spec.block, "sym": spec.sym or job.float8, "clip": str(spec.clip), "dtype": str(layout.scale_dtype).removeprefix("torch.")})
+    importance = input_importance(checkpoint) if spec.clip.kind == "auto" and not job.float8 else {}
+    with parallel_chunks():
+        thresholds = ct_writer.write_shards(
+            checkpoint, directory, names, checkpoint.native_dtype, layout, {**meta, **job.provenance}, job.max_shard_bytes,
+            spec.clip if not job.float8 else Clip(), importance, progress,
+        )
+    copy_model_files(checkpoint, directory, layout.scale_dtype)
+    shapes = {n: checkpoint.shape(n) for n in names}
+    ct_writer.add_quantization_config(directory, layout, ct_writer.ignored_modules(names, shapes, set(chosen)))
+    dtype = str(layout.scale_dtype).removeprefix("torch.")
+    report = QuantizeReport(len(chosen), len(names) - len(chosen), [(t, r, c, v) for t, rows in held.items() for r, c, v in rows], thresholds, held_how=f"its module kept unquantized in {dtype}, in `ignore`")
+    siblings = sorted(kept - set(held))
+    if siblings:
+        report.notes.append(f"kept unquantized too, as vLLM fuses them with a super weight's module: {', '.join(siblings)}")
+    return report
+
+
 WRITERS: dict[str, tuple[Callable[[QuantizeJob, Path, Progress | None], QuantizeReport], bool]] = {
     "safetensors": (write_safetensors, True),
     "gguf": (write_gguf, False),
+    "compressed-tensors": (write_compressed_tensors, True),
 }
 """--format -> (writer, whether the output is a directory)."""
 
@@ -167,7 +253,7 @@ class QuantizeRequest:
 
     model: Path
     output: Path
-    bits: int = 4
+    bits: str = "4"
     block: str = "512"
     sym: bool = False
     clip: str = "none"
@@ -186,18 +272,21 @@ class QuantizeRequest:
 def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None = None, stdin: TextIO | None = None) -> QuantizeReport:
     """Check every option, open the model, find or read its super weights, and write the output atomically."""
     r = request
-    spec = QuantSpec(check_bits(r.bits), parse_block(r.block), r.sym, parse_clip(r.clip))
-    max_bytes = parse_size(r.max_shard_size)
     out_format = output_format(r.out_format, r.output)
+    width, float8 = parse_bits(r.bits, out_format)
+    spec = QuantSpec(check_bits(width), parse_block(r.block), r.sym, parse_clip(r.clip))
+    max_bytes = parse_size(r.max_shard_size)
     if r.super_file is not None and not r.keep_super:
         raise SwtoolError("--super and --no-keep-super contradict each other")
     writer, is_directory = WRITERS[out_format]
-    ggml_type = gguf_types(out_format, r.gguf_type, r.bits, r.super_type)
+    ggml_type = gguf_types(out_format, r.gguf_type, width, r.super_type)
     check_target(r.output, [r.model], r.force)
     checkpoint = open_checkpoint(r.model, allow_nonfinite=r.allow_nonfinite)
     if ahead is not None:
         ahead.stop()
     refuse_quantized(checkpoint)
+    if out_format == "compressed-tensors":
+        check_compressed(checkpoint, spec, float8, r.include_embeddings, r.include_head)
     digests: dict[str, str] = {}
     held: list[Held] = []
     if r.super_file is not None:
@@ -207,7 +296,7 @@ def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None
         with bars(f"scan {r.model.name}") as progress:
             held = from_scan(scan(checkpoint, progress=progress), checkpoint)
     options = {
-        "bits": r.bits, "block": spec.block, "sym": r.sym, "clip": str(spec.clip), "keep_super": r.keep_super,
+        "bits": "fp8" if float8 else width, "block": spec.block, "sym": r.sym, "clip": str(spec.clip), "keep_super": r.keep_super,
         "super": "scan" if r.super_file is None and r.keep_super else r.super_file, "include_embeddings": r.include_embeddings,
         "include_head": r.include_head, "format": out_format, "max_shard_size": r.max_shard_size, "allow_nonfinite": r.allow_nonfinite,
     }  # fmt: skip
@@ -222,6 +311,7 @@ def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None
         max_bytes,
         gguf_type=ggml_type or "Q4_0",
         super_type=r.super_type,
+        float8=float8,
     )
     with atomic_output(r.output, directory=is_directory, inputs=[r.model], force=r.force) as temp:
         with bars(f"quantize {r.model.name}") as progress:

@@ -40,12 +40,6 @@ def float_dtype(stored: str, default: torch.dtype) -> torch.dtype:
     return STORAGE[stored].torch if stored in FLOATS else default
 
 
-def native_dtype(checkpoint: "Checkpoint", name: str) -> torch.dtype:
-    """The dtype a tensor is stored in, where that is a float dtype torch has; fp16 for GGUF block types
-    (what writers hand to the codecs and store unquantized tensors in)."""
-    return float_dtype(checkpoint.stored_dtype(name), torch.float16)
-
-
 @dataclass(frozen=True)
 class Held:
     """One weight by its coordinates: a super weight held out, zeroed or recorded."""
@@ -86,6 +80,16 @@ class Checkpoint(ABC):
         """The dtype a tensor is handed out in when the caller names none: its stored float type
         (a quantized format's recorded source dtype), fp32 otherwise."""
         return float_dtype(self.stored_dtype(name), torch.float32)
+
+    def model_dtype(self) -> torch.dtype:
+        """The dtype a dequantized copy is written in unless asked otherwise: a quantized format's recorded
+        source dtype; fp16 where nothing is recorded (GGUF)."""
+        return torch.float16
+
+    def native_dtype(self, name: str) -> torch.dtype:
+        """The dtype a tensor is stored in, where that is a float dtype torch has; fp16 for GGUF block types
+        (what writers hand to the codecs and store unquantized tensors in)."""
+        return float_dtype(self.stored_dtype(name), torch.float16)
 
     def value(self, held: Held, dtype: torch.dtype = torch.float32) -> float:
         """One weight's value, read from its row alone, rounded to `dtype` (fp16 for the side tables)."""
@@ -140,8 +144,8 @@ class Checkpoint(ABC):
 
     def _check_finite(self, name: str, tensor: torch.Tensor, rows: Rows) -> None:
         """Refuse NaN/Inf, naming the tensor and the first bad element; a sum is the fast path."""
-        if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
-            return
+        if not tensor.is_floating_point() or tensor.element_size() == 1 or bool(torch.isfinite(tensor.sum())):
+            return  # 1-byte floats are stored FP8 codes: torch cannot sum them; the weights rebuilt from them are checked
         flat = tensor.reshape(-1)
         count, first = 0, None
         for start in range(0, flat.numel(), CHECK_CHUNK):

@@ -45,6 +45,7 @@ STORAGE: dict[str, Storage] = {
         Storage("I8", 1, "i1", "int8"),
         Storage("U8", 1, "u1", "uint8"),
         Storage("BOOL", 1, "?", "bool"),
+        Storage("F8_E4M3", 1, "u1", "float8_e4m3fn"),  # compressed-tensors' FP8 weights; numpy has no float8: raw bytes
     )
 }
 

@@ -1,4 +1,4 @@
-"""Open any checkpoint swtool reads: an HF directory, a swtool-quantized directory or a GGUF file, checked against its config.
+"""Open any checkpoint swtool reads: an HF directory, a swtool-quantized or compressed-tensors directory or a GGUF file, checked against its config.
 
 The readers are imported only once the path is known to exist and what it holds: they pull in
 torch, and a missing path or a pickle is answered without it.
@@ -57,6 +57,7 @@ def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise SwtoolError(f"{path}: no such file or directory")
     if path.is_dir():
+        from swtool.formats.compressed_tensors.reader import CompressedTensorsCheckpoint, is_compressed_tensors
         from swtool.formats.hf.reader import SafetensorsCheckpoint
         from swtool.formats.rtn.layout import is_quantized
         from swtool.formats.rtn.reader import QuantizedCheckpoint
@@ -65,6 +66,8 @@ def _open(path: Path) -> Checkpoint:
             shards = _PARSED.pop(path, None) or read_shards(path)
         except SwtoolError:  # let the reader report it, config.json first, as it always has
             return SafetensorsCheckpoint(path)
+        if is_compressed_tensors(path):
+            return CompressedTensorsCheckpoint(path, shards)
         if is_quantized(shards.metadata):
             return QuantizedCheckpoint(path, shards)
         return SafetensorsCheckpoint(path, shards)

@@ -242,5 +242,16 @@ def copy_model_files(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype
         for name in MODEL_FILES:
             if (checkpoint.path / name).is_file():
                 shutil.copyfile(checkpoint.path / name, directory / name)
+        drop_quantization_config(directory / "config.json")
     else:
         write_model_files(checkpoint, directory, dtype)
+
+
+def drop_quantization_config(path: Path) -> None:
+    """Remove a copied config.json's quantization_config: the tensors written beside it are never the ones it
+    describes (a compressed-tensors source re-quantized or dequantized; a writer adds its own afterwards)."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2) + "\n")

@@ -106,6 +106,8 @@ class ShardedWriter:
         data = tensor.detach().contiguous().cpu()
         if data.dtype == torch.bfloat16:
             data = data.view(torch.int16)
+        elif data.dtype == torch.float8_e4m3fn:  # numpy has no float8: write its bytes
+            data = data.view(torch.uint8)
         assert self._handle is not None
         self._handle.write(np.ascontiguousarray(data.numpy()).tobytes(order="C"))
         self._position += 1

@@ -66,6 +66,9 @@ class QuantizedCheckpoint(Checkpoint):
         """The dtype a dequantized copy uses: the source's, as recorded at quantization."""
         return self.header.dtype
 
+    def model_dtype(self) -> torch.dtype:
+        return self.header.dtype
+
     def quantized_tensor(self, name: str) -> QuantizedTensor:
         shape = self.shape(name)
         return QuantizedTensor(

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from swtool.codecs.rtn import QuantSpec, quantize
-from swtool.formats.base import STORAGE_OF, Checkpoint, native_dtype
+from swtool.formats.base import STORAGE_OF, Checkpoint
 from swtool.formats.hf.export import copy_model_files, exported_names
 from swtool.formats.hf.writer import PlannedTensor, ShardedWriter
 from swtool.formats.rtn import layout
@@ -36,18 +36,18 @@ def write_rtn(
     """
     names = exported_names(checkpoint)
     wanted = set(targets)
-    dtype = native_dtype(checkpoint, targets[0]) if targets else torch.float16
+    dtype = checkpoint.native_dtype(targets[0]) if targets else torch.float16
     plan: list[PlannedTensor] = []
     for name in names:
         if name in wanted:
             plan += layout.planned(name, checkpoint.shape(name), spec.bits, spec.block)
         else:
-            plan.append(PlannedTensor(name, STORAGE_OF[native_dtype(checkpoint, name)].name, checkpoint.shape(name)))
+            plan.append(PlannedTensor(name, STORAGE_OF[checkpoint.native_dtype(name)].name, checkpoint.shape(name)))
     writer = ShardedWriter(directory, plan, layout.metadata(spec.bits, spec.block, spec.sym, str(spec.clip), dtype, held, metadata), max_shard_bytes)
     thresholds: dict[str, float] = {}
     with parallel_chunks():
         for index, name in enumerate(names):
-            weight = checkpoint.load(name, native_dtype(checkpoint, name))
+            weight = checkpoint.load(name, checkpoint.native_dtype(name))
             if name in wanted:
                 q = quantize(weight, spec, [(r, c) for r, c, _ in held.get(name, [])], importance.get(name))
                 del weight
