@@ -58,15 +58,15 @@ def test_json_and_quiet_keep_stderr_empty_on_success(models):
     assert (quiet.exit_code, quiet.stdout, quiet.stderr) == (0, "", "")
 
 
-def test_human_output_goes_to_stderr_without_a_progress_bar_when_not_a_terminal(models):
+def test_the_table_goes_to_stdout_without_a_progress_bar_when_not_a_terminal(models):
     done = invoke("scan", models / "alpha", *EFFECT)
-    assert done.exit_code == 0 and done.stdout == ""
-    assert "Super weights" in done.stderr
-    assert "scan alpha" not in done.stderr  # the bar's label
+    assert done.exit_code == 0 and done.stderr == ""
+    assert "Super weights" in done.stdout  # the result, for `> out.txt` and pipes
+    assert "scan alpha" not in done.stdout + done.stderr  # the bar's label
 
 
 def test_progress_bar_only_on_a_terminal(models):
-    """With stderr on a pseudo-terminal the bar is drawn (and its label appears); stdout stays clean."""
+    """With stderr on a pseudo-terminal the bar is drawn (and its label appears); stdout holds the result only."""
     leader, follower = pty.openpty()
     done = subprocess.run([*SWTOOL, "scan", str(models / "alpha")], stdout=subprocess.PIPE, stderr=follower, timeout=300)
     os.close(follower)
@@ -81,7 +81,7 @@ def test_progress_bar_only_on_a_terminal(models):
         chunks.append(chunk)
     os.close(leader)
     assert done.returncode == 0
-    assert done.stdout == b""
+    assert b"down_proj maxima per layer" in done.stdout and b"scan alpha" not in done.stdout
     assert b"scan alpha" in b"".join(chunks)
 
 
@@ -142,6 +142,8 @@ def test_output_on_a_full_disk_is_one_line_and_status_1(argv):
 
 def test_option_errors_are_one_line_too(models, tmp_path):
     """What the option parser refuses reads like every other user error (the console script wraps typer)."""
+    done = subprocess.run([*SWTOOL, "eval", str(models / "alpha"), "--text", str(tmp_path / "t"), "--ctx", "abc"], capture_output=True, text=True, timeout=120)
+    assert_user_error(done, r"Invalid value for '--ctx'.*\(see swtool eval --help\)")
     done = subprocess.run([*SWTOOL, "quantize", str(models / "alpha"), "-o", str(tmp_path / "q"), "--bits", "abc"], capture_output=True, text=True, timeout=120)
-    assert_user_error(done, r"Invalid value for '--bits'.*\(see swtool quantize --help\)")
+    assert_user_error(done, r"--bits 'abc': expected 8, 4, 3 or 2")  # --bits also takes fp8, so swtool reads it itself
     assert not (tmp_path / "q").exists()

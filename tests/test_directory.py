@@ -82,10 +82,10 @@ def test_compare_says_found_elsewhere_and_not_found():
     assert [r["status"] for r in directory.compare(entries, [])] == ["not found", "not found"]
 
 
-def test_unknown_expect_is_a_user_error():
+def test_unknown_expect_is_a_user_error(tmp_path):
     with pytest.raises(SwtoolError, match="not in the super weight directory"):
         directory.expected(directory.packaged(), [], [], "Llama-99B")
-    result = swtool("scan", "/nonexistent", "--expect", "Llama-99B")
+    result = swtool("scan", tmp_path, "--expect", "Llama-99B")  # refused before the model is even opened
     assert result.returncode == 2 and "Llama-99B" in result.stderr
 
 
@@ -95,7 +95,7 @@ def test_directory_command_json_and_table():
     doc = json.loads(result.stdout)
     assert len(doc["entries"]) == len(PUBLISHED) and "paper" in doc["sources"]
     table = swtool("directory")
-    assert table.returncode == 0 and table.stdout == "" and "OLMo-7B-0724-hf" in table.stderr and "3968" in table.stderr
+    assert table.returncode == 0 and table.stderr == "" and "OLMo-7B-0724-hf" in table.stdout and "3968" in table.stdout
 
 
 def test_scan_output_appended_to_a_local_file_feeds_directory_and_expect(tmp_path):
