@@ -85,7 +85,7 @@ def test_compare_says_found_elsewhere_and_not_found():
 def test_unknown_expect_is_a_user_error(tmp_path):
     with pytest.raises(SwtoolError, match="not in the super weight directory"):
         directory.expected(directory.packaged(), [], [], "Llama-99B")
-    result = swtool("scan", tmp_path, "--expect", "Llama-99B")  # refused before the model is even opened
+    result = swtool("scan", str(tmp_path), "--expect", "Llama-99B")  # refused before the model is even opened
     assert result.returncode == 2 and "Llama-99B" in result.stderr
 
 
