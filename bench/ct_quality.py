@@ -21,17 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "fixtures"))
 
 ROWS = [
-    ("int4 asym", ["--bits", "4", "--block", "64"]),
-    ("int4 asym", ["--bits", "4", "--block", "64", "--no-keep-super"]),
+    ("int4 asym", ["--bits", "4", "--block", "64", "--asym"]),
+    ("int4 asym", ["--bits", "4", "--block", "64", "--no-keep-super", "--asym"]),
     ("int4 sym", ["--bits", "4", "--block", "64", "--sym"]),
     ("int4 sym", ["--bits", "4", "--block", "64", "--sym", "--no-keep-super"]),
-    ("int4 asym", ["--bits", "4", "--block", "32"]),
-    ("int4 asym", ["--bits", "4", "--block", "32", "--no-keep-super"]),
-    ("int4 asym", ["--bits", "4", "--block", "channel"]),
-    ("int4 asym", ["--bits", "4", "--block", "channel", "--no-keep-super"]),
-    ("int3 asym", ["--bits", "3", "--block", "64"]),
+    ("int4 asym", ["--bits", "4", "--block", "32", "--asym"]),
+    ("int4 asym", ["--bits", "4", "--block", "32", "--no-keep-super", "--asym"]),
+    ("int4 asym", ["--bits", "4", "--block", "channel", "--asym"]),
+    ("int4 asym", ["--bits", "4", "--block", "channel", "--no-keep-super", "--asym"]),
+    ("int3 asym", ["--bits", "3", "--block", "64", "--asym"]),
     ("int8 sym", ["--bits", "8", "--block", "channel", "--sym"]),
-    ("int8 asym", ["--bits", "8", "--block", "64"]),
+    ("int8 asym", ["--bits", "8", "--block", "64", "--asym"]),
     ("fp8", ["--bits", "fp8"]),
     ("fp8", ["--bits", "fp8", "--no-keep-super"]),
 ]

@@ -261,7 +261,7 @@ def quantize(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (or file, for --format gguf).")],
     bits: Annotated[str, typer.Option(metavar="N|fp8", help="Bits per weight: 8, 4, 3 or 2; fp8 (E4M3, one scale per output channel) with --format compressed-tensors.", rich_help_panel="Quantization")] = "4",
     block: Annotated[str, typer.Option(help="Block: N consecutive elements of the row-major (out, in) weight, 'channel' (one row) or 'tensor'.", rich_help_panel="Quantization")] = "512",
-    sym: Annotated[bool, typer.Option("--sym", help="Symmetric absmax scales instead of asymmetric min-max.", rich_help_panel="Quantization")] = False,
+    sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric absmax scales, or asymmetric min-max with a zero point. Default: asymmetric for safetensors (swtool-rtn); symmetric for compressed-tensors, the scheme transformers loads as it is and vLLM serves at every width.", rich_help_panel="Quantization")] = None,
     clip: Annotated[str, typer.Option(help="Outlier clipping: none, z:K (per block, mean|w| + K std|w|), pct:P (per block, the 1-P quantile of |w|) or auto (per tensor, least error weighted by each input column's mean square on the scan prompt).", rich_help_panel="Quantization")] = "none",
     include_embeddings: Annotated[bool, typer.Option("--include-embeddings", help="Quantize the token embeddings too.", rich_help_panel="Quantization")] = False,
     include_head: Annotated[bool, typer.Option("--include-head", help="Quantize the LM head too.", rich_help_panel="Quantization")] = False,

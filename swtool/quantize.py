@@ -255,7 +255,8 @@ class QuantizeRequest:
     output: Path
     bits: str = "4"
     block: str = "512"
-    sym: bool = False
+    sym: bool | None = None
+    """None: the format's default (asymmetric for swtool-rtn, symmetric for compressed-tensors)."""
     clip: str = "none"
     include_embeddings: bool = False
     include_head: bool = False
@@ -274,7 +275,8 @@ def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None
     r = request
     out_format = output_format(r.out_format, r.output)
     width, float8 = parse_bits(r.bits, out_format)
-    spec = QuantSpec(check_bits(width), parse_block(r.block), r.sym, parse_clip(r.clip))
+    sym = r.sym if r.sym is not None else out_format == "compressed-tensors"
+    spec = QuantSpec(check_bits(width), parse_block(r.block), sym, parse_clip(r.clip))
     max_bytes = parse_size(r.max_shard_size)
     if r.super_file is not None and not r.keep_super:
         raise SwtoolError("--super and --no-keep-super contradict each other")
@@ -296,7 +298,7 @@ def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None
         with bars(f"scan {r.model.name}") as progress:
             held = from_scan(scan(checkpoint, progress=progress), checkpoint)
     options = {
-        "bits": "fp8" if float8 else width, "block": spec.block, "sym": r.sym, "clip": str(spec.clip), "keep_super": r.keep_super,
+        "bits": "fp8" if float8 else width, "block": spec.block, "sym": sym, "clip": str(spec.clip), "keep_super": r.keep_super,
         "super": "scan" if r.super_file is None and r.keep_super else r.super_file, "include_embeddings": r.include_embeddings,
         "include_head": r.include_head, "format": out_format, "max_shard_size": r.max_shard_size, "allow_nonfinite": r.allow_nonfinite,
     }  # fmt: skip

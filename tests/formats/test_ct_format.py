@@ -24,13 +24,13 @@ SUPER = (1, 5, 7)  # layer, row, col
 DOWN = f"model.layers.{SUPER[0]}.mlp.down_proj.weight"
 PROMPT = torch.tensor([[1, 5, 9, 30, 200, 17, 3, 44, 91, 120]])
 SCHEMES = {
-    "int4-asym-group": ["--bits", "4", "--block", "32"],
+    "int4-asym-group": ["--bits", "4", "--block", "32", "--asym"],
     "int4-sym-channel": ["--bits", "4", "--block", "channel", "--sym"],
-    "int4-asym-channel": ["--bits", "4", "--block", "channel"],
+    "int4-asym-channel": ["--bits", "4", "--block", "channel", "--asym"],
     "int4-sym-group": ["--bits", "4", "--block", "16", "--sym"],
-    "int8-asym-group": ["--bits", "8", "--block", "64"],
+    "int8-asym-group": ["--bits", "8", "--block", "64", "--asym"],
     "int8-sym-channel": ["--bits", "8", "--block", "channel", "--sym"],
-    "int3-asym-group": ["--bits", "3", "--block", "32"],
+    "int3-asym-group": ["--bits", "3", "--block", "32", "--asym"],
     "fp8": ["--bits", "fp8"],
 }
 

@@ -25,7 +25,7 @@ def perplexity(model, ids: torch.Tensor) -> float:
 def test_smollm2_compressed_tensors_runs_in_transformers(smollm2_gguf, smollm2_hf, wiki_text, tmp_path):
     pytest.importorskip("compressed_tensors")
     from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM
 
     q = tmp_path / "q"
     result = CliRunner().invoke(app, ["quantize", str(smollm2_gguf), "-o", str(q), "--format", "compressed-tensors", "--bits", "4", "--block", "64"])
@@ -33,14 +33,14 @@ def test_smollm2_compressed_tensors_runs_in_transformers(smollm2_gguf, smollm2_h
     assert f"{SUPER[0]}.weight[{SUPER[1]}, {SUPER[2]}]" in result.output and "kept unquantized" in result.output
     config = json.loads((q / "config.json").read_text())["quantization_config"]
     assert SUPER[0] in config["ignore"]
-    # asymmetric: transformers 5.25's default route expects unpacked zero points (the package's own output fails too)
-    model = AutoModelForCausalLM.from_pretrained(q, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32).eval()
+    assert config["config_groups"]["group_0"]["weights"]["symmetric"]  # the format's default: what transformers loads as it is
+    model = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32).eval()  # the issue's done criterion, no extra option
     source = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
     down = model.model.layers[11].mlp.down_proj.weight
     assert torch.equal(down, source.model.layers[11].mlp.down_proj.weight)  # the super weight's module, exact
     ids = torch.tensor([Tokenizer.from_file(str(q / "tokenizer.json")).encode(wiki_text[:20000]).ids[:1024]]).view(2, 512)
     quantized, reference = perplexity(model, ids), perplexity(source, ids)
-    assert reference < quantized < 1.6 * reference  # 4-bit RTN at 64 costs ~40 % on this 135M model (README: swtool-rtn 22.96 vs 16.58)
+    assert reference < quantized < 1.8 * reference  # symmetric 4-bit RTN at 64 costs ~60 % on this 135M model (README table: 25.2 vs 15.8)
     state = swtool.load_state_dict(q)
     name = "model.layers.5.self_attn.q_proj.weight"
     assert torch.equal(state[name].float(), model.get_parameter(name))
