@@ -374,6 +374,48 @@ def eval_(
     guarded(run)
 
 
+@app.command(rich_help_panel="Quantize")
+def imatrix(
+    model: Annotated[Path, typer.Argument(help="HF model directory or GGUF file.")],
+    text: Annotated[Path, typer.Option("--text", help="UTF-8 text file to collect activations on (llama-imatrix's -f).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output imatrix file (GGUF, as llama-imatrix writes it).")],
+    ctx: Annotated[int, typer.Option(help="Tokens per chunk (llama-imatrix's -c); the text needs at least twice as many.")] = 512,
+    chunks: Annotated[Optional[int], typer.Option(help="Use only the first N chunks (default: all).")] = None,
+    batch: Annotated[int, typer.Option(help="Tokens per forward batch (llama-imatrix's -b): batch // ctx chunks go through a layer at once.")] = 2048,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout, nothing else.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json output).")] = False,
+    device: Annotated[str, typer.Option(help="torch device for the forward, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: fp32, bf16 or fp16.")] = "fp32",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Importance matrix of MODEL on a text (llama-imatrix's GGUF file, for llama-quantize --imatrix), streamed layer by layer."""
+
+    def run() -> int:
+        ahead = readahead.start(model)
+        from swtool.formats import open_checkpoint
+        from swtool.formats.atomic import check_target
+        from swtool.imatrix import imatrix as compute
+        from swtool.provenance import provenance
+        from swtool.report import progress_bar, render_imatrix
+
+        compute_dtype = torch_dtype(dtype)
+        check_device(device)
+        check_target(output, [model, text], force)
+        checkpoint = open_checkpoint(model)
+        ahead.stop()
+        record = provenance("imatrix", {"ctx": ctx, "chunks": chunks, "batch": batch, "dtype": dtype}, [model, text])
+        with progress_bar(f"imatrix {model.name}", enabled=not (quiet or as_json)) as progress:
+            result = compute(checkpoint, text, output, ctx=ctx, chunks=chunks, batch=batch, force=force, metadata=record,
+                             dtype=compute_dtype, device=device, progress=progress)
+        if as_json:
+            print(json.dumps(result.to_json()), flush=True)
+        elif not quiet:
+            render_imatrix(result)
+        return 0
+
+    guarded(run)
+
+
 def gguf_types(out_format: str, type_name: str | None, bits: int, super_type: str) -> str | None:
     """Check --type/--super-type before any work: the GGML type to write, None for safetensors output."""
     from swtool.formats.gguf_out import SUPER_TYPES, parse_type
