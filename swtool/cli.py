@@ -401,6 +401,8 @@ def imatrix(
         compute_dtype = torch_dtype(dtype)
         check_device(device)
         check_target(output, [model, text], force)
+        if not text.is_file():  # before its digest is taken
+            raise SwtoolError(f"{text}: cannot read (no such file)")
         checkpoint = open_checkpoint(model)
         ahead.stop()
         record = provenance("imatrix", {"ctx": ctx, "chunks": chunks, "batch": batch, "dtype": dtype}, [model, text])
