@@ -90,6 +90,8 @@ def input_sums(
     stream = LayerStream(checkpoint, dtype=dtype, device=device, input_hook=recorder)
     with torch.no_grad(), hidden_buffer((*windows.shape, checkpoint.config.hidden_size), memory_limit) as hidden:
         stream_windows(stream, windows, hidden, batch, progress=progress)
+    if progress:
+        progress(stream.config.num_layers + 1, stream.config.num_layers + 1)
     out = {}
     for (layer, role), sums in recorder.sums.items():
         name = stream.family.layer_tensors(stream.config, layer)[role]

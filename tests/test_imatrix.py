@@ -312,3 +312,37 @@ def test_means_of_an_unused_expert_are_one():
     entry = Entry(np.array([[4.0, 8.0], [0.0, 0.0]], np.float32), np.array([2.0, 0.0], np.float32))
     assert entry.means().tolist() == [[2.0, 4.0], [1.0, 1.0]]
     Imatrix({"w": entry}, ["t"], 1, 2)  # constructible without stats or in_sum (legacy-like data)
+
+
+def test_tokenize_reads_control_tokens_as_text_and_adds_bos():
+    """llama-imatrix tokenizes with parse_special=false: CONTROL tokens' text is plain text, USER_DEFINED tokens still match."""
+    from types import SimpleNamespace
+
+    from swtool.imatrix import tokenize
+    from swtool.tokenizer import gguf_tokenizer_json
+
+    tokens = [chr(c) for c in range(97, 123)] + ["<", ">", "<ctl>", "<usr>", "<s>"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": [],
+            "tokenizer.ggml.token_type": [1] * 28 + [3, 4, 3], "tokenizer.ggml.bos_token_id": 30, "tokenizer.ggml.add_bos_token": True}
+    checkpoint = SimpleNamespace(path="m.gguf", tokenizer_json=lambda: gguf_tokenizer_json(meta))
+    ids, bos = tokenize(checkpoint, "ab<ctl><usr>")
+    assert bos == 30
+    assert [tokens[i] for i in ids] == ["<s>", "a", "b", "<", "c", "t", "l", ">", "<usr>"]
+    meta["tokenizer.ggml.add_bos_token"] = False
+    assert tokenize(checkpoint, "ab") == ([0, 1], None)
+
+
+def test_an_hf_directory_gives_the_gguf_names_and_values_of_its_conversion(tmp_path):
+    """The same tiny Mixtral as an HF directory and as llama.cpp's GGUF: the same entries (experts merged under GGUF names)."""
+    from gguf_tiny import convert
+    from tiny import build
+
+    build("mixtral", tmp_path / "hf", seed=2)
+    convert(tmp_path / "hf", tmp_path / "tiny.gguf")
+    cut = cut_chunks(list(range(40, 240)), 32, None, None)
+    hf = compute_imatrix(open_checkpoint(tmp_path / "hf"), cut, "t", batch=64)
+    gg = compute_imatrix(open_checkpoint(tmp_path / "tiny.gguf"), cut, "t", batch=64)
+    assert sorted(hf.entries) == sorted(gg.entries) and "blk.1.ffn_up_exps.weight" in hf.entries
+    for name, entry in gg.entries.items():
+        np.testing.assert_array_equal(hf.entries[name].counts, entry.counts)
+        np.testing.assert_allclose(hf.entries[name].in_sum2, entry.in_sum2, rtol=1e-5, atol=1e-6 * float(entry.in_sum2.max()))
