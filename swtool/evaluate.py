@@ -13,13 +13,10 @@ vocab) logits never exist.
 from __future__ import annotations
 
 import math
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from swtool.arch import family_of
@@ -27,10 +24,8 @@ from swtool.formats.base import Checkpoint
 from swtool.edit import EditPlan, edit_tensor, linear_layers, linear_roles
 from swtool.errors import SwtoolError
 from swtool.model.forward import HEAD_CHUNK_ROWS, InputHook, LayerStream, MlpHook
+from swtool.model.windows import WeightsHook, batches, hidden_buffer, stream_windows
 from swtool.codecs.supers import Held
-
-WeightsHook = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-"""(layer, loaded weights by role) -> the weights to run (edited, smoothed, fake-quantized...)."""
 
 LOGIT_BUDGET = 1 << 25
 """Logit elements (fp32) alive at once while streaming the head: 128 MiB."""
@@ -108,46 +103,6 @@ def cut_windows(ids: list[int], ctx: int) -> torch.Tensor:
     if count == 0:
         raise SwtoolError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}")
     return torch.tensor(ids[: count * ctx], dtype=torch.int64).view(count, ctx)
-
-
-@contextmanager
-def hidden_buffer(shape: tuple[int, ...], memory_limit: int) -> Iterator[torch.Tensor]:
-    """An fp32 tensor for every window's hidden states: in memory, or memory-mapped from a temporary file when large."""
-    nbytes = math.prod(shape) * 4
-    if nbytes <= memory_limit:
-        yield torch.empty(shape, dtype=torch.float32)
-        return
-    with tempfile.TemporaryFile(prefix="swtool-hidden-") as fh:
-        fh.truncate(nbytes)
-        yield torch.from_numpy(np.memmap(fh, dtype=np.float32, mode="r+", shape=shape))
-
-
-def batches(count: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
-
-
-def stream_windows(
-    stream: LayerStream,
-    windows: torch.Tensor,
-    hidden: torch.Tensor,
-    batch: int,
-    weights_hook: WeightsHook | None = None,
-    mlp_hook: MlpHook | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Fill `hidden` with the last layer's output for every window, one layer (all batches) at a time."""
-    for part in batches(len(windows), batch):
-        hidden[part] = stream.embed(windows[part]).float().cpu()
-    total = stream.config.num_layers
-    for layer, weights in stream.walk():
-        if weights_hook is not None:
-            weights = weights_hook(layer, weights)
-        for part in batches(len(windows), batch):
-            h = hidden[part].to(stream.device, stream.dtype)
-            hidden[part] = stream.run_layer(layer, h, weights, hook=mlp_hook).float().cpu()
-        del weights
-        if progress:
-            progress(layer + 1, total + 1)
 
 
 def token_nll(stream: LayerStream, windows: torch.Tensor, hidden: torch.Tensor, batch: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swtool.evaluate import hidden_buffer, stream_windows
+from swtool.model.windows import hidden_buffer, stream_windows
 from swtool.formats.base import Checkpoint
 from swtool.model.forward import LayerStream
 
