@@ -133,10 +133,11 @@ def collected_tokens(chunks: int, ctx: int, batch: int, ubatch: int = UBATCH) ->
     return keep
 
 
-def gguf_entries(checkpoint: Checkpoint, sums: dict[str, InputSums]) -> dict[str, Entry]:
-    """Canonical sums -> llama.cpp's entries under GGUF names; routed experts merged (E rows, zeros where unused)."""
+def gguf_entries(names: dict[str, list[str]], sums: dict[str, InputSums]) -> dict[str, Entry]:
+    """Canonical sums -> llama.cpp's entries under GGUF names (`names`: GGUF name -> its canonical names, see
+    `gguf_out.gguf_names`); routed experts merged (one row each, zeros where no token went)."""
     entries = {}
-    for stored, parts in gguf_names(checkpoint, gguf_arch(checkpoint)).items():
+    for stored, parts in names.items():
         found = [sums.get(name) for name in parts]
         if all(s is None for s in found):
             continue
@@ -159,6 +160,11 @@ def chunk_count(entries: dict[str, Entry], ctx: int) -> int:
     return (largest + ctx // 2) // ctx
 
 
+def check_batch(batch: int, ubatch: int = UBATCH) -> None:
+    if batch < 1 or ubatch < 1:
+        raise SwtoolError("--batch must be at least 1")
+
+
 def compute_imatrix(
     checkpoint: Checkpoint,
     chunks: Chunks,
@@ -173,14 +179,14 @@ def compute_imatrix(
     progress: Callable[[int, int], None] | None = None,
 ) -> Imatrix:
     """The importance matrix of `checkpoint` over `chunks`, as llama-imatrix would compute it with -b batch -ub ubatch."""
-    if batch < 1 or ubatch < 1:
-        raise SwtoolError("--batch must be at least 1")
+    check_batch(batch, ubatch)
+    names = gguf_names(checkpoint, gguf_arch(checkpoint))  # a model llama.cpp has no names for fails before the forward
     count, ctx = chunks.windows.shape
     keep = collected_tokens(count, ctx, batch, ubatch)
     per_forward = max(1, batch // ctx)
     sums = input_sums(checkpoint, chunks.windows, keep=None if bool(keep.all()) else keep, batch=per_forward,
                       dtype=dtype, device=device, memory_limit=memory_limit, progress=progress)
-    entries = gguf_entries(checkpoint, sums)
+    entries = gguf_entries(names, sums)
     if not entries:
         raise SwtoolError("no tokens were collected (every micro-batch had fewer than 16 tokens); raise --ctx or --batch")
     return Imatrix(entries, [dataset], chunk_count(entries, ctx), ctx, metadata=dict(metadata or {}))
@@ -204,7 +210,8 @@ def imatrix(
 
     inputs = [checkpoint.path, *checkpoint.files, text_path]
     check_target(output, inputs, force)
-    gguf_arch(checkpoint)  # a model llama.cpp has no names for fails here, not after the forward
+    check_batch(batch, run.get("ubatch", UBATCH))
+    gguf_names(checkpoint, gguf_arch(checkpoint))  # a model llama.cpp has no names for fails here, not after the forward
     ids, bos = tokenize(checkpoint, read_text(text_path))
     cut = cut_chunks(ids, ctx, chunks, bos)
     with atomic_output(output, directory=False, inputs=inputs, force=force) as temp:

@@ -298,6 +298,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(case_dir, tmp_path):
         (("--text", tmp_path / "bad.txt"), "cannot read as UTF-8"),
         (("--text", tmp_path / "missing.txt"), "cannot read"),
         (("--text", folder / "text.txt", "--chunks", "0", "--ctx", "32"), "--chunks must be at least 1"),
+        (("--text", folder / "text.txt", "--batch", "0", "--ctx", "32"), "--batch must be at least 1"),
     ]
     for args, message in cases:
         assert_user_error(invoke("imatrix", model, *args, "-o", out), message)
