@@ -382,6 +382,7 @@ def imatrix(
     ctx: Annotated[int, typer.Option(help="Tokens per chunk (llama-imatrix's -c); the text needs at least twice as many.")] = 512,
     chunks: Annotated[Optional[int], typer.Option(help="Use only the first N chunks (default: all).")] = None,
     batch: Annotated[int, typer.Option(help="Tokens per forward batch (llama-imatrix's -b): batch // ctx chunks go through a layer at once.")] = 2048,
+    ubatch: Annotated[int, typer.Option(help="llama.cpp's micro-batch (-ub): products on fewer than 16 tokens of one are not collected, as llama-imatrix does.")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout, nothing else.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json output).")] = False,
     device: Annotated[str, typer.Option(help="torch device for the forward, e.g. cpu or cuda.")] = "cpu",
@@ -405,10 +406,10 @@ def imatrix(
             raise SwtoolError(f"{text}: cannot read (no such file)")
         checkpoint = open_checkpoint(model)
         ahead.stop()
-        record = provenance("imatrix", {"ctx": ctx, "chunks": chunks, "batch": batch, "dtype": dtype}, [model, text])
+        record = provenance("imatrix", {"ctx": ctx, "chunks": chunks, "batch": batch, "ubatch": ubatch, "dtype": dtype}, [model, text])
         with progress_bar(f"imatrix {model.name}", enabled=not (quiet or as_json)) as progress:
             result = compute(checkpoint, text, output, ctx=ctx, chunks=chunks, batch=batch, force=force, metadata=record,
-                             dtype=compute_dtype, device=device, progress=progress)
+                             ubatch=ubatch, dtype=compute_dtype, device=device, progress=progress)
         if as_json:
             print(json.dumps(result.to_json()), flush=True)
         elif not quiet:

@@ -161,8 +161,9 @@ def chunk_count(entries: dict[str, Entry], ctx: int) -> int:
 
 
 def check_batch(batch: int, ubatch: int = UBATCH) -> None:
-    if batch < 1 or ubatch < 1:
-        raise SwtoolError("--batch must be at least 1")
+    for option, value in (("--batch", batch), ("--ubatch", ubatch)):
+        if value < 1:
+            raise SwtoolError(f"{option} must be at least 1")
 
 
 def compute_imatrix(

@@ -272,7 +272,7 @@ def test_cli_json_summary_provenance_and_llama_keys(case_dir, tmp_path):
                    "ctx": 32, "tokens": 128, "text_tokens": len(TEXT_TOKENS()) + 1}
     written = read_imatrix(out)
     assert written.chunk_count == 4 and written.datasets == [str(folder / "text.txt")]
-    assert json.loads(written.metadata["swtool.options"]) == {"batch": 2048, "chunks": 4, "ctx": 32, "dtype": "fp32"}
+    assert json.loads(written.metadata["swtool.options"]) == {"batch": 2048, "chunks": 4, "ctx": 32, "dtype": "fp32", "ubatch": 512}
     assert set(json.loads(written.metadata["swtool.inputs"])) == {"tiny.gguf", "text.txt"}
     assert written.metadata["swtool.command"] == "imatrix"
 
@@ -299,6 +299,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(case_dir, tmp_path):
         (("--text", tmp_path / "missing.txt"), "cannot read"),
         (("--text", folder / "text.txt", "--chunks", "0", "--ctx", "32"), "--chunks must be at least 1"),
         (("--text", folder / "text.txt", "--batch", "0", "--ctx", "32"), "--batch must be at least 1"),
+        (("--text", folder / "text.txt", "--ubatch", "0", "--ctx", "32"), "--ubatch must be at least 1"),
     ]
     for args, message in cases:
         assert_user_error(invoke("imatrix", model, *args, "-o", out), message)
