@@ -356,6 +356,48 @@ def eval_(
 
 
 @app.command(cls=Command, rich_help_panel="Quantize")
+def imatrix(
+    model: Annotated[Path, typer.Argument(help="HF model directory or GGUF file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output imatrix file (GGUF, as llama-imatrix writes it).")],
+    text: Annotated[Optional[Path], typer.Option("--text", help="UTF-8 text file to collect activations on (llama-imatrix's -f).")] = None,
+    builtin: Annotated[bool, typer.Option("--builtin", help="Use swtool's built-in English text (the one scan verifies with) instead of --text: a data-free imatrix.")] = False,
+    ctx: Annotated[int, typer.Option(help="Tokens per chunk (llama-imatrix's -c); the text needs at least twice as many.")] = 512,
+    chunks: Annotated[Optional[int], typer.Option(help="Use only the first N chunks (default: all).")] = None,
+    batch: Annotated[int, typer.Option(help="Tokens per forward batch (llama-imatrix's -b): batch // ctx chunks go through a layer at once.")] = 2048,
+    ubatch: Annotated[int, typer.Option(help="llama.cpp's micro-batch (-ub): products on fewer than 16 tokens of one are not collected, as llama-imatrix does.")] = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout, nothing else.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json output).")] = False,
+    device: Annotated[str, typer.Option(help="torch device for the forward, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: fp32, bf16 or fp16.")] = "fp32",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Importance matrix of MODEL on a text (llama-imatrix's GGUF file, for llama-quantize --imatrix), streamed layer by layer."""
+
+    def run() -> int:
+        from swtool.formats.open import prefetch
+
+        ahead = prefetch(model)
+        from swtool.imatrix import imatrix_model
+        from swtool.report import progress_bar, render_imatrix
+        from swtool.scan import check_device
+
+        compute = torch_dtype(dtype)
+        check_device(device)
+        with progress_bar(f"imatrix {model.name}", enabled=not (quiet or as_json)) as progress:
+            result = imatrix_model(
+                model, output, text, builtin, ahead=ahead, ctx=ctx, chunks=chunks, batch=batch, ubatch=ubatch,
+                force=force, dtype=compute, dtype_option=dtype, device=device, progress=progress,
+            )  # fmt: skip
+        if as_json:
+            print(json.dumps(result.to_json()), flush=True)
+        elif not quiet:
+            render_imatrix(result)
+        return 0
+
+    guarded(run)
+
+
+@app.command(cls=Command, rich_help_panel="Quantize")
 def dequantize(
     quantized: Annotated[Path, typer.Argument(help="A directory written by swtool quantize, or a GGUF file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output HF model directory.")],

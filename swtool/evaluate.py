@@ -15,14 +15,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
 import torch
 
 from swtool.ablation import EditPlan, edit_tensor
@@ -40,13 +37,11 @@ from swtool.families import family_of, linear_layers, linear_roles
 from swtool.formats.base import Checkpoint, Held
 from swtool.formats.open import open_checkpoint
 from swtool.model.forward import InputHook, LayerStream, MlpHook
-from swtool.model.nll import batches, token_nll
+from swtool.model.nll import token_nll
+from swtool.model.windows import WeightsHook, hidden_buffer, stream_windows
 from swtool.model.tokenizer import load_tokenizer
 from swtool.readahead import ReadAhead
 from swtool.supers import find_super_weights
-
-WeightsHook = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-"""(layer, loaded weights by role) -> the weights to run (edited, smoothed, fake-quantized...)."""
 
 RESTORE_RATIO = 100.0
 """A token carries the super activation where |value| >= this times the median |down_proj output| (scan's spike rule)."""
@@ -122,40 +117,6 @@ def cut_windows(ids: list[int], ctx: int) -> torch.Tensor:
     return torch.tensor(ids[: count * ctx], dtype=torch.int64).view(count, ctx)
 
 
-@contextmanager
-def hidden_buffer(shape: tuple[int, ...], memory_limit: int) -> Iterator[torch.Tensor]:
-    """An fp32 tensor for every window's hidden states: in memory, or memory-mapped from a temporary file when large."""
-    nbytes = math.prod(shape) * 4
-    if nbytes <= memory_limit:
-        yield torch.empty(shape, dtype=torch.float32)
-        return
-    with tempfile.TemporaryFile(prefix="swtool-hidden-") as fh:
-        fh.truncate(nbytes)
-        yield torch.from_numpy(np.memmap(fh, dtype=np.float32, mode="r+", shape=shape))
-
-
-def stream_windows(
-    stream: LayerStream,
-    windows: torch.Tensor,
-    hidden: torch.Tensor,
-    batch: int,
-    weights_hook: WeightsHook | None = None,
-    mlp_hook: MlpHook | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Fill `hidden` with the last layer's output for every window, one layer (all batches) at a time."""
-    for part in batches(len(windows), batch):
-        hidden[part] = stream.embed(windows[part]).float().cpu()
-    total = stream.config.num_layers
-    for layer, weights in stream.walk():
-        if weights_hook is not None:
-            weights = weights_hook(layer, weights)
-        for part in batches(len(windows), batch):
-            h = hidden[part].to(stream.device, stream.dtype)
-            hidden[part] = stream.run_layer(layer, h, weights, hook=mlp_hook).float().cpu()
-        del weights
-        if progress:
-            progress(layer + 1, total + 1)
 
 
 def restore_hook(plan: EditPlan, originals: dict[Held, float], layers: dict[str, int]) -> MlpHook:

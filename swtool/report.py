@@ -167,3 +167,11 @@ def render_edit(checkpoint, output, plan, notes=()) -> None:
     if plan.zero_outliers:
         actions.append(f"{plan.zero_outliers} largest weights of each linear tensor zeroed (super weights kept)")
     stderr.print(f"wrote {output}: {'; '.join(actions)}")
+
+
+def render_imatrix(result) -> None:
+    """One line for `swtool imatrix`: what was collected on how much text, and where it went."""
+    stderr.print(
+        f"[bold]{result.model}[/] on {result.text}: {result.chunks} chunks of {result.ctx} tokens (of {result.text_tokens} tokens), "
+        f"{result.tensors} weights -> [bold]{result.output}[/]"
+    )

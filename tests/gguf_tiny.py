@@ -29,7 +29,8 @@ def permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
     return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
-def convert(directory: Path, out: Path, name: str = "tiny") -> None:
+def convert(directory: Path, out: Path, name: str = "tiny", bos: int | None = None) -> None:
+    """`bos`: a spare id made the CONTROL token llama.cpp adds at the start of every text (none by default)."""
     cfg = json.loads((directory / "config.json").read_text())
     model_type = cfg["model_type"]
     arch = ARCH[model_type]
@@ -79,7 +80,12 @@ def convert(directory: Path, out: Path, name: str = "tiny") -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * (len(token_vocab) + 1) + [gguf.TokenType.UNUSED] * (vocab - len(token_vocab) - 1))
+    types = [gguf.TokenType.NORMAL] * (len(token_vocab) + 1) + [gguf.TokenType.UNUSED] * (vocab - len(token_vocab) - 1)
+    if bos is not None:
+        types[bos] = gguf.TokenType.CONTROL
+        writer.add_bos_token_id(bos)
+        writer.add_add_bos_token(True)
+    writer.add_token_types(types)
     writer.add_token_merges(["\u0100 \u0101"])
 
     name_map = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), layers)

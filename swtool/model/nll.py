@@ -14,13 +14,10 @@ import torch
 
 from swtool.model.forward import LayerStream
 from swtool.model.stream import HEAD_CHUNK_ROWS
+from swtool.model.windows import batches
 
 LOGIT_BUDGET = 1 << 25
 """Logit elements (fp32) alive at once while streaming the head: 128 MiB."""
-
-
-def batches(count: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def token_nll(stream: LayerStream, windows: torch.Tensor, hidden: torch.Tensor, batch: int) -> torch.Tensor:

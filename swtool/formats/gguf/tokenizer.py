@@ -97,7 +97,9 @@ def gguf_tokenizer(meta: dict[str, Any]) -> Tokenizer:
         )
     else:
         raise SwtoolError(f"GGUF: tokenizer model {model!r} is not supported (supported: gpt2, llama)")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (CONTROL, USER_DEFINED)])
+    # both match as a whole; only CONTROL tokens are special (llama.cpp reads their text as text without parse_special)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
     bos = meta.get("tokenizer.ggml.bos_token_id")
     if meta.get("tokenizer.ggml.add_bos_token", model == "llama") and bos is not None:
         bos_text = tokens[int(bos)]
