@@ -1,6 +1,6 @@
 """llama.cpp against swtool on the GGUF files `swtool quantize --format gguf` writes for every family.
 
-For each family a tiny random transformers model (tests/tiny.py, with one byte merge so llama.cpp
+For each family a tiny random transformers model (tests/helpers/tiny.py, with one byte merge so llama.cpp
 accepts the vocabulary) is written at F32, Q8_0 and Q4_0; llama-perplexity (-c 64) and swtool's
 forward score the same file on the same text, and the largest relative difference of the running
 perplexity per chunk is printed (with how many chunks llama.cpp printed).
@@ -19,15 +19,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from clirun import invoke  # noqa: E402
-from test_gguf_families import chunk_perplexities  # noqa: E402
-from test_gguf_families_out import FAMILIES, OPTIONS, TEXT, add_byte_merge  # noqa: E402
-from tiny import build  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the tests' helpers package
 
 from swtool.formats.open import open_checkpoint  # noqa: E402
 from swtool.model.tokenizer import encode  # noqa: E402
+from tests.helpers.clirun import invoke  # noqa: E402
+from tests.helpers.families import GGUF_OPTIONS, WRITTEN, family_of  # noqa: E402
+from tests.helpers.forward import chunk_perplexities  # noqa: E402
+from tests.helpers.llamacpp import TEXT  # noqa: E402
+from tests.helpers.tiny import add_byte_merge, build  # noqa: E402
 
 TYPES = ("F32", "Q8_0", "Q4_0")
 
@@ -46,9 +46,9 @@ def main() -> None:
     print("| family | " + " | ".join(TYPES) + " |")
     print("|---|" + "---|" * len(TYPES))
     try:
-        for case in FAMILIES:
+        for case in WRITTEN:
             directory = root / case
-            build(case.split("-")[0], directory / "hf", **OPTIONS[case])
+            build(family_of(case), directory / "hf", **GGUF_OPTIONS[case])
             add_byte_merge(directory / "hf")
             cells = []
             for type_name in TYPES:

@@ -7,7 +7,7 @@
 1. Writes a random Llama-shaped checkpoint (bf16, normal std 0.02, norms 1,
    sharded with an index, byte-level tokenizer) one tensor at a time through
    swtool's streaming `ShardedWriter`, with super weights planted much as in
-   tests/tiny.py: W_down[row, col] large, and gate/up rows `col` made to give
+   tests/helpers/tiny.py: W_down[row, col] large, and gate/up rows `col` made to give
    channel `col` a big input (see CARRIER_CHANNEL, TRIGGER and FEED).
 2. Runs each tool in its own child process under /usr/bin/time, which takes
    wall time, CPU time and peak RSS from the operating system: `cat` of every

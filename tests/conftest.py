@@ -1,16 +1,18 @@
-"""Shared fixtures: the real model and text (fetched once into a cache), tiny random models."""
+"""Shared fixtures: the real model and text (fetched once into a cache), SmolLM2 as an HF directory.
+
+Tests are grouped by concern, as the package is: architecture/, formats/, codecs/, model/,
+analysis/, commands/, and real/ (SmolLM2 end to end). What several of them build or run
+(tiny models, the test GGUF converter, damaged files, the CLI, llama.cpp) lives in
+tests/helpers/, imported as `tests.helpers.*` (tests/ is a package; pyproject's
+`pythonpath = ["."]` puts the repository root on sys.path); no test imports another.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "fixtures"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,14 +23,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from fetch import smollm2_gguf
+    from tests.helpers.fetch import smollm2_gguf
 
     return smollm2_gguf()
 
 
 @pytest.fixture(scope="session")
 def wiki_text() -> str:
-    from fetch import wiki_text
+    from tests.helpers.fetch import wiki_text
 
     return wiki_text()
 

@@ -44,6 +44,7 @@ PLACES = [
     ("swtool.ablation", "analysis"),
     ("swtool.actquant", "analysis"),
     ("swtool.verify", "analysis"),
+    ("swtool.input_sums", "analysis"),
     ("swtool.model", "model"),
     ("swtool.formats", "formats"),
     ("swtool.codecs", "codecs"),

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from clirun import SWTOOL, assert_user_error, invoke, snapshot, swtool
-from synthetic import CONFIG, llama_dir, llama_tensors, plant
+from tests.helpers.clirun import SWTOOL, assert_user_error, invoke, snapshot, swtool
+from tests.helpers.synthetic import CONFIG, llama_dir, llama_tensors, plant
 
 import swtool.quantize as quantize_mod
 

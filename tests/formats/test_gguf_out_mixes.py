@@ -16,7 +16,7 @@ LAYERS = 8
 @pytest.fixture(scope="module")
 def llama256(tmp_path_factory):
     """A tiny llama whose rows (256) K-quants can take: 8 layers, GQA 2, untied head."""
-    from tiny import build
+    from tests.helpers.tiny import build
 
     directory = tmp_path_factory.mktemp("llama256")
     build("llama", directory, hidden_size=256, intermediate_size=256, num_hidden_layers=LAYERS)
@@ -62,7 +62,7 @@ def test_super_weight_tensor_keeps_at_least_the_super_type(llama256):
 
 
 def test_short_rows_fall_back_with_one_note_each(tmp_path):
-    from tiny import build
+    from tests.helpers.tiny import build
 
     build("llama", tmp_path, num_hidden_layers=2)  # rows of 64 and 128: no K-quant block fits
     plan = plan_gguf(open_checkpoint(tmp_path), "Q4_K_S")
