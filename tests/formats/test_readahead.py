@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from swtool import readahead
+from swtool.errors import SwtoolError
 from swtool.formats import open as formats_open
 from swtool.formats.hf.header import layer_spans, read_shards
 
@@ -86,9 +88,11 @@ def test_unreadable_input_ends_the_thread_quietly(tmp_path, monkeypatch):
     listed.mkdir()
     header = b"[1, 2]"
     (listed / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)  # JSON, but not a header
-    for model in (tmp_path, listed, tmp_path / "missing"):
+    for model in (tmp_path, listed):
         ahead = formats_open.prefetch(model)  # a header the checks refuse reads nothing ahead; open reports it
         assert ahead.thread is None
+    with pytest.raises(SwtoolError, match="no such file or directory"):  # answered at once, before torch is imported
+        formats_open.prefetch(tmp_path / "missing")
     vanished = tmp_path / "vanished.gguf"
     ahead = readahead.start([(vanished, 0, 100)])  # a file gone by the time the thread opens it
     ahead.thread.join(timeout=10)
