@@ -103,7 +103,7 @@ def test_the_token_rules_show_in_the_goldens():
 
 
 def TEXT_TOKENS() -> bytes:
-    from imatrix_golden import TEXT
+    from tests.helpers.imatrix_golden import TEXT
 
     return TEXT.encode()
 

@@ -41,7 +41,7 @@ def cli(*args: object):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    import tiny
+    from tests.helpers import tiny
 
     directory = tmp_path_factory.mktemp("src") / "model"
     built = tiny.build("llama", directory)
@@ -190,7 +190,7 @@ PACKAGE_SCHEMES = {
 def package_checkpoint(directory: Path, weights: dict) -> dict[str, torch.Tensor]:
     """A tiny model quantized and saved by compressed-tensors' own compressor; returns the package's own
     dequantized weights (its ModelCompressor.decompress_model) for comparison."""
-    import tiny
+    from tests.helpers import tiny
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config
     from compressed_tensors.quantization.utils import calculate_qparams
@@ -332,7 +332,7 @@ def test_fp8_only_for_compressed_tensors(model, tmp_path):
 
 def test_a_model_without_quantizable_tensors(tmp_path):
     """One layer whose every module holds a super weight (q/k/v and gate/up are kept together): nothing left to quantize."""
-    import tiny
+    from tests.helpers import tiny
 
     source = tmp_path / "src"
     tiny.build("llama", source, num_hidden_layers=1)
