@@ -30,7 +30,6 @@ from swtool.formats.hf.export import copy_model_files, exported_names
 from swtool.formats.hf.writer import parse_size
 from swtool.formats.open import open_checkpoint
 from swtool.formats.rtn import layout
-from swtool.formats.rtn.reader import QuantizedCheckpoint
 from swtool.formats.rtn.writer import write_rtn
 from swtool.importance import input_importance
 from swtool.provenance import model_inputs, provenance
@@ -243,7 +242,7 @@ def gguf_types(out_format: str, type_name: str | None, bits: int, super_type: st
 
 
 def refuse_quantized(checkpoint: Checkpoint) -> None:
-    if isinstance(checkpoint, QuantizedCheckpoint):
+    if checkpoint.format == layout.FORMAT:
         raise SwtoolError(f"{checkpoint.path}: already quantized by swtool ({layout.FORMAT}); quantize its source, or dequantize it first")
 
 

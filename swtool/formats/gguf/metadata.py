@@ -282,9 +282,8 @@ def tokenizer_metadata(directory: Path, vocab_size: int, arch: str) -> tuple[Met
 
 def model_metadata(checkpoint: Checkpoint, arch: str) -> tuple[Metadata, list[str]]:
     """Everything that describes the model (not the weights' encoding): copied from GGUF, built from HF."""
-    reader = getattr(checkpoint, "reader", None)
-    if reader is not None:
-        return copied_metadata(reader, arch), []
+    if checkpoint.format == "gguf":
+        return copied_metadata(checkpoint.reader, arch), []
     config = checkpoint.config
     meta: Metadata = {"general.name": GGUFValue(config.name or checkpoint.path.name, GGUFValueType.STRING)}
     meta.update(hyperparameters(config, arch))

@@ -171,7 +171,7 @@ def write_weights(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype, m
 
 def config_json(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:
     """The config.json to write; raises before anything is written for what it cannot describe."""
-    meta = getattr(checkpoint, "meta", {})
+    meta = checkpoint.meta
     config = checkpoint.config
     if checkpoint.has("rope_freqs.weight"):  # llama.cpp keeps llama3 scaling only as per-frequency divisors
         config = dataclasses.replace(config, rope_scaling=llama3_scaling(checkpoint.load("rope_freqs.weight"), config))
@@ -193,7 +193,7 @@ def write_model_files(checkpoint: Checkpoint, directory: Path, dtype: torch.dtyp
     config = config or config_json(checkpoint, dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "tokenizer.json").write_text(checkpoint.tokenizer_json())
-    tokenizer_config = gguf_tokenizer_config(getattr(checkpoint, "meta", {}))
+    tokenizer_config = gguf_tokenizer_config(checkpoint.meta)
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
