@@ -37,7 +37,7 @@ def measured(command: list[str], env: dict[str, str] | None = None) -> tuple[flo
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{err.decode()[-2000:]}")
-    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss counts the forked parent too: keep it small
 
 
 def chained(*steps: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -78,13 +78,11 @@ def main() -> None:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     hf = work / "smollm2-hf"
-    if not (hf / "config.json").is_file():
-        import torch
-
-        from swtool.formats.hf.export import export_hf
-        from swtool.formats.open import open_checkpoint
-
-        export_hf(open_checkpoint(smollm2_gguf()), hf, torch.float16)
+    if not (hf / "config.json").is_file():  # in a child: this process stays small, as its RSS is inherited by every fork it measures
+        export = ("import sys, torch; from swtool.formats.hf.export import export_hf; from swtool.formats.open import open_checkpoint; "
+                  "from pathlib import Path; Path(sys.argv[2]).mkdir(parents=True, exist_ok=True); "
+                  "export_hf(open_checkpoint(Path(sys.argv[1])), Path(sys.argv[2]), torch.float16)")
+        subprocess.run([sys.executable, "-c", export, str(smollm2_gguf()), str(hf)], check=True)
     f16, mixed = work / "f16.gguf", work / f"{args.mix}.gguf"
     subprocess.run(swtool("quantize", hf, "-o", f16, "--type", "F16", "--no-keep-super", "--force", "-q"), check=True)
     subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(mixed), args.mix, str(args.threads)], check=True, capture_output=True)
