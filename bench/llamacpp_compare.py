@@ -2,8 +2,8 @@
 
 On SmolLM2-135M-Instruct (the Q4_1 GGUF from fixtures/fetch.py):
 1. swtool writes an F16 GGUF from the model (the common source of everything below);
-2. swtool writes Q8_0 and Q4_0 from that F16 file; llama-quantize does the same;
-3. swtool writes Q4_0 with --keep-super (super-type Q8_0 and F16), the super
+2. swtool writes Q8_0 and Q4_0 (--types: any mix, Q4_K_M...) from that F16 file; llama-quantize does the same;
+3. swtool writes Q4_0 (--protect) with --keep-super (--super-types Q8_0 and F16, or Q6_K), the super
    weights found by swtool's own scan of the F16 file;
 4. llama-perplexity runs every file on the same Wikipedia text.
 
@@ -99,7 +99,10 @@ def main() -> None:
     parser.add_argument("--text-chars", type=int, default=200_000, help="Wikipedia characters given to llama-perplexity")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/swtool-llamacpp-bench"))
     parser.add_argument("--skip-perplexity", action="store_true", help="only write the files and time that")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each whole-process timing")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each whole-process timing (0: none)")
+    parser.add_argument("--types", default="Q8_0,Q4_0", help="types/mixes written by both swtool and llama-quantize")
+    parser.add_argument("--protect", default="Q4_0", help="types/mixes swtool also writes with --keep-super")
+    parser.add_argument("--super-types", default="Q8_0,F16", help="--super-type values tried on each --protect type")
     args = parser.parse_args()
     bin_dir = Path(os.environ.get("SWTOOL_LLAMA_CPP", ""))
     if not (bin_dir / "llama-perplexity").is_file():
@@ -120,16 +123,18 @@ def main() -> None:
     supers = [Held(by_stored[w.tensor], w.row, w.col) for w in scan(checkpoint).super_weights]
     print(f"# super weights found by swtool scan of the F16 file: {[(checkpoint.stored_name(s.tensor), s.row, s.col) for s in supers]}", flush=True)
 
-    for type_name in ("Q8_0", "Q4_0"):
+    types, protect, super_types = (value.split(",") for value in (args.types, args.protect, args.super_types))
+    for type_name in types:
         ours, theirs = work / f"swtool-{type_name}.gguf", work / f"llamacpp-{type_name}.gguf"
         rows.append((f"swtool {type_name}", ours, swtool_write(f16, ours, type_name)))
         rows.append((f"llama-quantize {type_name}", theirs, llama_quantize(bin_dir, f16, theirs, type_name, args.threads)))
         same, total = identical_tensors(ours, theirs)
         print(f"# {type_name}: {same} of {total} tensors identical (type and bytes) between swtool and llama-quantize", flush=True)
-    for super_type in ("Q8_0", "F16"):
-        out = work / f"swtool-Q4_0-keep-super-{super_type}.gguf"
-        seconds = swtool_write(f16, out, "Q4_0", super_weights=supers, keep_super=True, super_type=super_type)
-        rows.append((f"swtool Q4_0 --keep-super --super-type {super_type}", out, seconds))
+    for type_name in protect:
+        for super_type in super_types:
+            out = work / f"swtool-{type_name}-keep-super-{super_type}.gguf"
+            seconds = swtool_write(f16, out, type_name, super_weights=supers, keep_super=True, super_type=super_type)
+            rows.append((f"swtool {type_name} --keep-super --super-type {super_type}", out, seconds))
 
     print(f"\nllama-perplexity -f wiki.txt ({args.text_chars} chars of Wikipedia) -c {args.ctx} --chunks {args.chunks} -t {args.threads}\n")
     print("| file | size (MB) | write wall (s) | write CPU (s) | perplexity | ppl eval time (s) |")
@@ -141,10 +146,12 @@ def main() -> None:
         ppl, err, eval_seconds = perplexity(bin_dir, path, text, args.ctx, args.chunks, args.threads)
         print(f"| {label} | {path.stat().st_size / 1e6:.1f} | {wall:.2f} | {cpu:.2f} | {ppl:.4f} ± {err:.4f} | {eval_seconds:.0f} |", flush=True)
 
+    if not args.repeat:
+        return
     print(f"\nWhole processes from the F16 file, best and median of {args.repeat} alternating runs (load average {os.getloadavg()[0]:.1f}):\n")
     print("| type | command | best wall (s) | median wall (s) | best CPU (s) | median CPU (s) |")
     print("|---|---|---:|---:|---:|---:|")
-    for type_name in ("Q8_0", "Q4_0"):
+    for type_name in types:
         times: dict[str, list[tuple[float, float]]] = {"swtool quantize": [], "llama-quantize": []}
         for _ in range(args.repeat):
             times["swtool quantize"].append(swtool_command(f16, work / f"cli-{type_name}.gguf", type_name))

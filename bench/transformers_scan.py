@@ -4,6 +4,7 @@ Run as a child process by bench/scan_bench.py so that its wall time and peak RSS
 can be measured by the operating system:
 
     python bench/transformers_scan.py MODEL_DIR --dtype fp32 [--prompt TEXT]
+    python bench/transformers_scan.py MODEL.gguf --dtype fp32   (transformers' own GGUF loading: dequantize, convert the tokenizer)
 
 It prints one JSON document: per layer the largest |down_proj input| and
 |output| with their channels, the same figures `swtool scan` reports in pass 1.
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -28,8 +29,13 @@ def main() -> None:
     parser.add_argument("--prompt", default="Apple Inc. is a worldwide tech company.")
     args = parser.parse_args()
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(args.model / "tokenizer.json"))
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).eval()
+    if args.model.suffix == ".gguf":
+        where = {"pretrained_model_name_or_path": args.model.parent, "gguf_file": args.model.name}
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+        model = AutoModelForCausalLM.from_pretrained(**where, dtype=DTYPES[args.dtype]).eval()
+    else:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(args.model / "tokenizer.json"))
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).eval()
     layers: list[dict] = []
 
     def hook(index: int):

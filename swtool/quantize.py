@@ -26,6 +26,7 @@ from swtool.formats.base import Checkpoint, Held
 from swtool.formats.compressed_tensors import schema as ct_schema
 from swtool.formats.compressed_tensors import writer as ct_writer
 from swtool.formats.gguf import writer as gguf_out
+from swtool.formats.gguf.mixes import parse_mix
 from swtool.formats.hf.export import copy_model_files, exported_names
 from swtool.formats.hf.writer import parse_size
 from swtool.formats.open import open_checkpoint
@@ -119,7 +120,7 @@ def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -
     )
     gguf_out.write_gguf(checkpoint, plan, path, progress)
     types = {source: t.qtype.name for t in plan.tensors for source in (t.stacked or (t.source,))}
-    quantized = sum(1 for t in plan.tensors if t.qtype in gguf_out.BLOCK_TYPES)
+    quantized = sum(1 for t in plan.tensors if t.qtype not in gguf_out.FLOAT_TYPES)
     held = [(checkpoint.stored_name(h.tensor), h.row, h.col, checkpoint.value(h, torch.float16)) for h in job.held]
     how = f"kept in its tensor, written as {types[job.held[0].tensor]}" if job.held else ""
     return QuantizeReport(quantized, len(plan.tensors) - quantized, held, held_how=how, notes=plan.notes)
@@ -228,7 +229,8 @@ def output_format(requested: str | None, output: Path) -> str:
 
 
 def gguf_types(out_format: str, type_name: str | None, bits: int, super_type: str) -> str | None:
-    """Check --type/--super-type before any work: the GGML type to write, None for safetensors output."""
+    """Check --type/--super-type before any work: the GGML type or llama-quantize mix to write
+    (canonical name: aliases such as Q4_K resolved), None for safetensors output."""
     if out_format != "gguf":
         if type_name is not None:
             raise SwtoolError("--type applies to --format gguf only (safetensors output takes --bits)")
@@ -236,9 +238,9 @@ def gguf_types(out_format: str, type_name: str | None, bits: int, super_type: st
     if type_name is None:
         type_name = {8: "Q8_0", 4: "Q4_0"}.get(bits)
         if type_name is None:
-            raise SwtoolError(f"--format gguf: --bits {bits} has no GGML type; give --type (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16...)")
+            raise SwtoolError(f"--format gguf: --bits {bits} has no GGML type; give --type (Q4_K_M, Q6_K, Q8_0, Q4_0, F16...)")
     gguf_out.parse_type(super_type, "--super-type", gguf_out.SUPER_TYPES)
-    return gguf_out.parse_type(type_name).name
+    return parse_mix(type_name).name
 
 
 def refuse_quantized(checkpoint: Checkpoint) -> None:

@@ -17,9 +17,14 @@ arithmetic. Every value's error stays within d / 2, as in plain RTN (d is at
 most 1/64 coarser). The symmetric types (Q4_0, Q5_0, Q8_0) and the float
 types store 0 exactly as they are.
 
-Types swtool has no encoder for (K-quants, i-quants...) cannot be patched
-block by block: `fallback_type` names the type the whole tensor is re-encoded
-at instead.
+K-quants (Q2_K..Q6_K) are patched the same way, one 256-value super-block at a
+time, decoded by swtool's C decoders and re-encoded at their own type with
+llama.cpp's reference quantizer (swtool.codecs.kquants). Q3_K and Q6_K are
+symmetric and store 0 exactly; Q2_K, Q4_K and Q5_K (value = d * q - m per
+sub-block) hold 0 as near as the super-block's new grid allows.
+
+Other types swtool has no encoder for (i-quants...) cannot be patched block by
+block: `fallback_type` names the type the whole tensor is re-encoded at instead.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import math
 import gguf
 import numpy as np
 
+from swtool.codecs import kquants
 from swtool.codecs.ggml import TYPES, QType, block_size, encode
 
 AFFINE = {QType.Q4_1: 15, QType.Q5_1: 31}
@@ -40,10 +46,10 @@ FLOAT16_TINY = 2.0**-24
 def fallback_type(qtype: QType, row_length: int) -> QType | None:
     """The type a tensor stored as `qtype` must be re-encoded at to be edited, None when it can be patched in place.
 
-    Q8_0 is at least as precise as every K- and i-quant (which have no encoder here), F16 when
-    the rows do not fill whole Q8_0 blocks.
+    Q8_0 is at least as precise as every i-quant (which have no encoder here), F16 when
+    the rows do not fill whole Q8_0 blocks. K-quants are patched in place.
     """
-    if qtype.name in TYPES:
+    if qtype.name in TYPES or qtype in kquants.TYPES:
         return None
     return QType.Q8_0 if row_length % block_size(QType.Q8_0) == 0 else QType.F16
 
@@ -51,12 +57,15 @@ def fallback_type(qtype: QType, row_length: int) -> QType | None:
 def set_values(raw: np.ndarray, qtype: QType, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
     """A copy of the tensor bytes `raw` (uint8, GGML `qtype`) where the elements at the flat `positions`
     (row-major over the stored tensor) read back as `values`, or as near as `qtype` allows
-    (exactly, for 0). Only the blocks holding a position change."""
+    (exactly, for 0, except in Q2_K/Q4_K/Q5_K). Only the blocks holding a position change."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     out = np.array(raw, dtype=np.uint8).reshape(-1, size)
     positions = np.asarray(positions, dtype=np.int64)
     touched, where = np.unique(positions // block, return_inverse=True)
-    decoded = np.array(gguf.quants.dequantize(out[touched], qtype), dtype=np.float32).reshape(len(touched), block)
+    if qtype in kquants.TYPES:
+        decoded = kquants.decode(out[touched], qtype, (len(touched), block))
+    else:
+        decoded = np.array(gguf.quants.dequantize(out[touched], qtype), dtype=np.float32).reshape(len(touched), block)
     decoded[where, positions % block] = values
     encoded = encode(decoded, qtype)
     if qtype in AFFINE:

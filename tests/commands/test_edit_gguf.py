@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from swtool.ablation import EditPlan, edit_tensor
-from swtool.codecs.ggml import QType
+from swtool.codecs.ggml import QType, encode
 from swtool.codecs.ggml_edit import encode_through_zero, set_values
+from swtool.codecs.kquants import decode
 from swtool.families import linear_layers
 from swtool.formats.base import Held
 from swtool.formats.gguf.rewrite import Replacement, copy_gguf
@@ -157,32 +158,37 @@ def test_routed_experts_are_edited_in_their_slice(tmp_path):
         assert torch.equal(edited.load(name), edit_tensor(EditPlan(zero_outliers=2), name, checkpoint.load(name), True)), name
 
 
-def test_k_quant_tensor_is_reencoded_whole_at_q8_0_and_said(tmp_path):
-    """swtool has no K-quant encoder: a Q6_K tensor holding an edit becomes Q8_0, with a note on stderr."""
-    f32 = tiny_gguf(tmp_path, intermediate_size=256)  # Q6_K blocks hold 256 values: ffn_down rows of 256
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_tensor_keeps_its_type_and_only_the_super_block_changes(tmp_path, type_name):
+    """A K-quant tensor holding an edit is patched in place: one 256-value super-block re-encoded at its own type
+    (llama.cpp's reference quantizer), every other byte copied; no Q8_0 fallback, no note about one."""
+    qtype = QType[type_name]
+    f32 = tiny_gguf(tmp_path, intermediate_size=256)  # K-quant blocks hold 256 values: ffn_down rows of 256
     reader = gguf.GGUFReader(f32)
-    rows, row_length = 64, 256
-    generator = np.random.default_rng(0)
-    blocks = generator.integers(0, 256, size=(rows * row_length // 256, 210), dtype=np.uint8)
-    blocks[:, 208:] = np.array([0.002], dtype=np.float16).view(np.uint8)  # d: keeps every value small and finite
-    source = tmp_path / "model-Q6_K.gguf"
-    copy_gguf(reader, f32, source, {GGUF_DOWN: Replacement(QType.Q6_K, lambda: blocks.reshape(-1))}, lambda key: False, {})
+    values = open_checkpoint(f32).load(DOWN)
+    source = tmp_path / f"model-{type_name}.gguf"
+    copy_gguf(reader, f32, source, {GGUF_DOWN: Replacement(qtype, lambda: encode(values, qtype).reshape(-1))}, lambda key: False, {})
     scan = tmp_path / "scan.json"
     scan.write_text(json.dumps({"super_weights": [{"tensor": GGUF_DOWN, "row": SUPER[1], "col": SUPER[2]}]}))
     out = tmp_path / "zeroed.gguf"
     result = invoke("edit", source, "-o", out, "--zero-super", "--super", scan)
     assert result.exit_code == 0, result.output
     said = " ".join(result.stderr.split())
-    assert f"{GGUF_DOWN}: stored as Q6_K, which swtool cannot encode; the whole tensor was re-encoded as Q8_0" in said
-    assert "512 GGML blocks in 1 tensor re-encoded" in said  # 64 x 256 values, 32 per Q8_0 block
+    assert "1 GGML block in 1 tensor re-encoded" in said and "Q8_0" not in said
     _, tensors = assert_copied_except(source, out, {GGUF_DOWN})
-    assert tensors[GGUF_DOWN][0] == "Q8_0"
+    assert tensors[GGUF_DOWN][0] == type_name
+    _, row, col = SUPER
+    changed = np.flatnonzero((block_bytes(gguf.GGUFReader(source), GGUF_DOWN) != block_bytes(gguf.GGUFReader(out), GGUF_DOWN)).any(axis=1))
+    assert changed.tolist() == [(row * 256 + col) // 256]
     before, after = open_checkpoint(source).load(DOWN), open_checkpoint(out).load(DOWN)
-    assert after[SUPER[1], SUPER[2]] == 0 and before[SUPER[1], SUPER[2]] != 0
-    step = before.abs().reshape(-1, 32).amax(dim=1, keepdim=True) / 127  # Q8_0's step in each block
-    error = (after - before).abs().reshape(-1, 32)
-    error.view(-1)[SUPER[1] * row_length + SUPER[2]] = 0
-    assert (error <= step * 0.6).all()  # half a step, and the fp16 rounding of the step
+    assert before[row, col] > 20 and torch.equal(torch.cat([after[:row], after[row + 1 :]]), torch.cat([before[:row], before[row + 1 :]]))
+    expected = before[row].clone()
+    expected[col] = 0
+    assert torch.equal(after[row], torch.from_numpy(decode(encode(expected, qtype), qtype, (1, 256))).reshape(-1))  # the block, re-encoded
+    if type_name in ("Q3_K", "Q6_K"):  # symmetric: 0 is on every grid
+        assert after[row, col] == 0
+    else:
+        assert abs(float(after[row, col])) <= float(expected.abs().max()) / 8
 
 
 def test_output_must_be_in_the_input_format_and_nothing_is_written(sources, tmp_path):

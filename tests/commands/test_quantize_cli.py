@@ -270,13 +270,14 @@ def test_fallback_is_said_on_stderr(tmp_path):
     result = cli("quantize", tmp_path / "odd", "-o", tmp_path / "odd.gguf", "--format", "gguf", "--type", "Q5_0", "--no-keep-super")
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # rich wraps long lines
-    assert "blk.0.ffn_down.weight: row length 100 is not a multiple of the Q5_0 block size 32; written as F16" in said
+    assert "blk.0.ffn_down.weight: row length 100 is not a multiple of 32 (the Q5_0 block size); written as F16, as llama-quantize does" in said
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--format", "gguf", "--type", "Q4_K"], "--type 'Q4_K' is not a GGUF type"),
+        (["--format", "gguf", "--type", "Q4_K_XL"], "--type 'Q4_K_XL' is not a GGUF type or mix swtool writes; choose one of Q2_K, Q3_K_S"),
+        (["--format", "gguf", "--type", "Q4_0", "--super-type", "Q4_K"], "--super-type 'Q4_K'"),
         (["--format", "gguf", "--type", "Q4_0", "--super-type", "Q4_1"], "--super-type 'Q4_1'"),
         (["--format", "gguf", "--bits", "3"], "--bits 3 has no GGML type"),
         (["--type", "Q8_0"], "--type applies to --format gguf only"),

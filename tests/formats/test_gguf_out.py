@@ -165,8 +165,8 @@ def test_bad_type_and_unknown_architecture_are_refused(tiny, tmp_path, monkeypat
     import swtool.formats.gguf.writer as gguf_out
 
     checkpoint = open_checkpoint(tiny)
-    with pytest.raises(SwtoolError, match="--type 'Q4_K' is not a GGUF type swtool writes"):
-        plan_gguf(checkpoint, "Q4_K")
+    with pytest.raises(SwtoolError, match="--type 'IQ2_XS' is not a GGUF type or mix swtool writes; choose one of Q2_K, .*Q4_K_M"):
+        plan_gguf(checkpoint, "IQ2_XS")
     with pytest.raises(SwtoolError, match="--super-type 'Q4_0'"):
         plan_gguf(checkpoint, "Q4_0", keep_super=True, super_type="Q4_0")
     family = gguf_out.family_for("llama")

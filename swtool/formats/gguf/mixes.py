@@ -75,11 +75,16 @@ MIXES: dict[str, Mix] = {m.name: m for m in (
 )}
 
 
-def parse_mix(name: str) -> Mix:
-    """The mix for a user's spelling (any case); an unknown name lists the valid ones."""
-    found = MIXES.get(name.upper())
+ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+"""llama-quantize's own aliases (tools/quantize/quantize.cpp QUANT_OPTIONS): a bare K type names its _M mix."""
+
+
+def parse_mix(name: str, option: str = "--type") -> Mix:
+    """The mix for a user's spelling (any case, llama-quantize's aliases too); an unknown name lists the valid ones."""
+    upper = name.upper()
+    found = MIXES.get(ALIASES.get(upper, upper))
     if found is None:
-        raise SwtoolError(f"unknown GGUF type or mix {name!r}; choose one of {', '.join(MIXES)}")
+        raise SwtoolError(f"{option} {name!r} is not a GGUF type or mix swtool writes; choose one of {', '.join([*MIXES, *ALIASES])}")
     return found
 
 

@@ -2,7 +2,9 @@
 
 Tensors are exposed under canonical Hugging Face names (gguf-py's own name map
 does the translation) and in HF layout: quantized blocks are dequantized on
-load, and what llama.cpp's converter changes is undone: the Q/K row
+load (K-quants by swtool's C decoders, swtool.codecs.kquants, reading only the
+rows asked for: prompt embedding rows, one head chunk; other block types by
+gguf-py), and what llama.cpp's converter changes is undone: the Q/K row
 permutation of llama-style models, Gemma's `1 +` folded into norm weights, and
 routed experts merged into one 3D tensor per projection (`ffn_down_exps`),
 which reads back as one 2D tensor per expert. So the same forward serves both
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from swtool.codecs import kquants
 from swtool.errors import SwtoolError
 from swtool.families import Family, family_for
 from swtool.families.config import ModelConfig, from_gguf
@@ -225,6 +228,8 @@ class GGUFCheckpoint(Checkpoint):
         shape = (count, *shape[1:]) if len(shape) > 1 else shape
         if tensor.tensor_type in STORED_FLOATS:
             values = raw.view(STORED_FLOATS[tensor.tensor_type])  # load() converts, once
+        elif tensor.tensor_type in kquants.TYPES:  # swtool's C decoders, on the selected rows' bytes only
+            values = kquants.decode(raw, tensor.tensor_type, shape)
         else:
             try:
                 values = gguf.quants.dequantize(raw, tensor.tensor_type)

@@ -6,24 +6,20 @@ as llama.cpp does, picks its GGML type, and gathers the key/values. Pass two
 gguf-py's low-level calls, then loads, permutes, encodes and writes one tensor
 at a time (never `GGUFWriter.add_tensor`, which keeps every array until the end).
 
-Type choice for a K-quant mix (Q4_K_M...): exactly llama-quantize's, from
-swtool.formats.gguf_mixes (the library accepts the mixes; the CLI does not yet,
-as the K-quant codecs are not wired in). Type choice for `--type T`, following
-llama-quantize where it applies:
-- 1-D tensors (norms, biases) stay F32;
-- with a block type T, the output projection (the token embedding when tied)
-  is Q8_0: llama-quantize writes Q6_K there when the row length is a multiple
-  of 256 and Q8_0 otherwise; swtool has no K-quant codec, so always Q8_0,
-  at least as accurate; an untied token embedding gets T, as in llama-quantize;
-- a row length that is not a multiple of the block size falls back to F16, as
-  llama-quantize does for the 32-value block types (and says so);
-- with keep_super, tensors holding a super weight get the super type (Q8_0 or
-  F16) when that is more precise than their planned type. Super weights are
-  never removed from a tensor: llama.cpp cannot apply a side table, so a GGUF
-  without them is a broken model. Their coordinates (in the stored tensor) and
-  fp16 values are recorded under `swtool.super_weights.*`, beside provenance
-  under `swtool.*`; llama.cpp ignores unknown keys (but would refuse unknown
-  tensors, so none are added).
+Type choice for `--type T` (a single type or one of llama-quantize's mixes,
+Q4_K_M and friends): every quantized type is exactly llama-quantize's, from
+swtool.formats.gguf.mixes (llama.cpp b11434's per-tensor rules, the head's
+Q6_K, tied embeddings, row-length fallbacks with one note each; the legacy
+single types Q4_0..Q8_0 included: their head is Q6_K where its rows fill
+256-blocks, Q8_0 otherwise, as llama-quantize writes it). F32/F16/BF16 keep
+1-D tensors F32 and convert every 2-D one, as llama.cpp's converter does.
+With keep_super, tensors holding a super weight get the super type (Q8_0,
+Q6_K or F16) when that is more precise than their planned type. Super
+weights are never removed from a tensor: llama.cpp cannot apply a side
+table, so a GGUF without them is a broken model. Their coordinates (in the
+stored tensor) and fp16 values are recorded under `swtool.super_weights.*`,
+beside provenance under `swtool.*`; llama.cpp ignores unknown keys (but would
+refuse unknown tensors, so none are added).
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf import GGUFValueType, LlamaFileType
+from gguf import GGUFValueType
 from gguf.gguf_writer import GGUFValue
 
 from swtool.codecs.ggml import (
@@ -53,28 +49,22 @@ from swtool.families import family_for
 from swtool.families.rope import llama3_rope_factors
 from swtool.formats.base import Checkpoint, Held, float_dtype
 from swtool.formats.gguf.metadata import Metadata, model_metadata
-from swtool.formats.gguf.mixes import MIXES, TensorSpec, model_facts, plan_mix
+from swtool.formats.gguf.mixes import (
+    Fallback,
+    TensorSpec,
+    fit_row,
+    model_facts,
+    parse_mix,
+    plan_mix,
+)
 from swtool.formats.gguf.reader import ARCH_BY_NAME, EXPERT, permute_qk, qk_heads
 from swtool.workers import parallel_chunks
 
-SUPER_TYPES = ("Q8_0", "F16")
+SUPER_TYPES = ("Q8_0", "Q6_K", "F16")
 PRECISION = (QType.Q2_K, QType.Q3_K, QType.Q4_0, QType.Q4_K, QType.Q4_1, QType.Q5_0, QType.Q5_K, QType.Q5_1, QType.Q6_K,
              QType.Q8_0, QType.BF16, QType.F16, QType.F32)
 """Types from least to most precise (BF16 has fewer mantissa bits than F16)."""
-K_MIXES = tuple(name for name in MIXES if name not in TYPES)
-"""llama-quantize's K-quant mixes: their per-tensor types come from swtool.formats.gguf_mixes."""
-BLOCK_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0)
-FILE_TYPES = {
-    QType.F32: LlamaFileType.ALL_F32,
-    QType.F16: LlamaFileType.MOSTLY_F16,
-    QType.BF16: LlamaFileType.MOSTLY_BF16,
-    QType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
-    QType.Q4_0: LlamaFileType.MOSTLY_Q4_0,
-    QType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
-    QType.Q5_0: LlamaFileType.MOSTLY_Q5_0,
-    QType.Q5_1: LlamaFileType.MOSTLY_Q5_1,
-}
-HEAD_TYPE = QType.Q8_0
+FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
 
 Progress = Callable[[int, int], None]
 
@@ -116,7 +106,7 @@ class GGUFPlan:
 def parse_type(name: str, option: str = "--type", allowed: Sequence[str] = tuple(TYPES)) -> QType:
     if name.upper() not in allowed:
         raise SwtoolError(f"{option} {name!r} is not a GGUF type swtool writes; choose one of {', '.join(allowed)}")
-    return TYPES[name.upper()]
+    return QType[name.upper()]
 
 
 def gguf_arch(checkpoint: Checkpoint) -> str:
@@ -164,18 +154,9 @@ def gguf_names(checkpoint: Checkpoint, arch: str) -> dict[str, list[str]]:
     return {stored: sorted(names, key=expert_index) for stored, names in out.items()}
 
 
-def is_head(name: str, checkpoint: Checkpoint) -> bool:
-    """The output projection, or the token embedding that serves as it when tied."""
-    return name == "lm_head.weight" or (name == "model.embed_tokens.weight" and checkpoint.config.tie_embeddings)
-
-
-def choose_type(shape: tuple[int, ...], base: QType, head: bool, super_type: QType | None) -> QType:
-    if len(shape) < 2:
-        return QType.F32
-    chosen = HEAD_TYPE if head and base in BLOCK_TYPES else base
-    if super_type is not None and PRECISION.index(super_type) > PRECISION.index(chosen):
-        chosen = super_type
-    return chosen
+def float_type(shape: tuple[int, ...], base: QType) -> QType:
+    """F32/F16/BF16 output: 1-D tensors (norms, biases) stay F32, as llama.cpp's converter writes them."""
+    return QType.F32 if len(shape) < 2 else base
 
 
 def plan_gguf(
@@ -188,8 +169,7 @@ def plan_gguf(
     provenance: dict[str, str] | None = None,
 ) -> GGUFPlan:
     """Every tensor's GGUF name, shape and type, and every key/value, from headers alone."""
-    mix = MIXES[type_name.upper()] if type_name.upper() in K_MIXES else None
-    base = mix.default if mix else parse_type(type_name)
+    mix = parse_mix(type_name)
     protect = parse_type(super_type, "--super-type", SUPER_TYPES) if keep_super else None
     arch = gguf_arch(checkpoint)
     family = family_for(checkpoint.config.model_type, checkpoint.config.num_experts)
@@ -200,32 +180,28 @@ def plan_gguf(
         stacked = tuple(sources) if expert_index(sources[0]) >= 0 else ()
         shape = (len(stacked), *checkpoint.shape(sources[0])) if stacked else tuple(checkpoint.shape(sources[0]))
         entries.append((name, sources, stacked, shape))
-    mixed = mix_types(checkpoint, arch, metadata, entries, mix.name, notes) if mix else {}
+    mixed = mix_types(checkpoint, arch, metadata, entries, mix.name, notes) if mix.quantized else {}
+    fallbacks: list[Fallback] = []
     tensors: list[GGUFTensor] = []
     for name, sources, stacked, shape in entries:
         source = sources[0]
-        upgrade = protect if holders.intersection(sources) else None
-        if mix:
-            qtype = mixed[name] if upgrade is None or PRECISION.index(upgrade) <= PRECISION.index(mixed[name]) else upgrade
-        else:
-            qtype = choose_type(shape, base, is_head(source, checkpoint), upgrade)
-        if not can_encode(shape, qtype):
-            notes.append(
-                f"{name}: row length {shape[-1]} is not a multiple of the {qtype.name} block size "
-                f"{gguf.GGML_QUANT_SIZES[qtype][0]}; written as F16 (as llama-quantize does)"
-            )
-            qtype = QType.F16
+        qtype = mixed[name] if mix.quantized else float_type(shape, mix.default)
+        if holders.intersection(sources) and protect is not None and len(shape) > 1 and PRECISION.index(protect) > PRECISION.index(qtype):
+            qtype = fit_row(name, shape[-1], protect, fallbacks)  # Q6_K on rows it cannot take: Q8_0, as llama-quantize
+        elif not can_encode(shape, qtype):
+            qtype = fit_row(name, shape[-1], qtype, fallbacks)
         offset = family.gguf_norm_offset if source.endswith("norm.weight") else 0.0
         tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source), offset, stacked=stacked))
+    notes.extend(f.note for f in fallbacks)
     for name, values in (rope_tensors(checkpoint.config) if checkpoint.format != "gguf" else {}).items():
         tensors.append(GGUFTensor(name, name, tuple(values.shape), QType.F32, values=values))
-    metadata["general.file_type"] = GGUFValue(int(mix.file_type if mix else FILE_TYPES[base]), GGUFValueType.UINT32)
+    metadata["general.file_type"] = GGUFValue(int(mix.file_type), GGUFValueType.UINT32)
     metadata["general.quantization_version"] = GGUFValue(gguf.GGML_QUANT_VERSION, GGUFValueType.UINT32)
     if keep_super and super_weights:
         metadata.update(super_weight_metadata(checkpoint, tensors, super_weights, super_type.upper()))
     for key, value in (provenance or {}).items():  # swtool.provenance's fields, stored as they are named
         metadata[key] = GGUFValue(value, GGUFValueType.STRING)
-    return GGUFPlan(arch, base, tensors, metadata, notes)
+    return GGUFPlan(arch, mix.default, tensors, metadata, notes)
 
 
 def mix_types(checkpoint: Checkpoint, arch: str, metadata: Metadata, entries: list, mix: str, notes: list[str]) -> dict[str, QType]:

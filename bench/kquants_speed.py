@@ -1,6 +1,6 @@
 """Single-core encode throughput of swtool's K-quant kernels next to llama.cpp's, on the same matrix in the same run.
 
-    python scripts/bench/kquants_speed.py LLAMA_CPP_BUILD_BIN [rows] [cols]
+    python bench/kquants_speed.py LLAMA_CPP_BUILD_BIN [rows] [cols]
 
 Both sides are timed as one call on one thread (swtool: kquants.encode(threads=1), which
 calls kernels/kquants.c per chunk of rows; llama.cpp: ggml_quantize_chunk through ctypes,
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "codecs"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "codecs"))
 from kquants_golden import K_TYPES, LEGACY, ggml_quantize, load_ggml
 
 from swtool import native
