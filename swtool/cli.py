@@ -29,7 +29,7 @@ app = typer.Typer(
 
 
 
-FILE_OPTIONS = ("text", "plot", "directory_files", "files", "super_file", "verify_text")
+FILE_OPTIONS = ("text", "plot", "directory_files", "files", "super_file", "verify_text", "imatrix")
 """Options whose value is a file (the rest that take a path take a file or a directory: PATH)."""
 
 
@@ -270,6 +270,7 @@ def quantize(
     out_format: Annotated[Optional[str], typer.Option("--format", help="Output format: safetensors (swtool-rtn), gguf, or compressed-tensors (transformers and vLLM load it; super weights' modules stay unquantized). Default: gguf when OUT ends in .gguf, else safetensors.", rich_help_panel="Output")] = None,
     gguf_type: Annotated[Optional[str], typer.Option("--type", help="--format gguf: llama-quantize's mix or type, with its per-tensor rules: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16 or F32 (default: Q8_0 for --bits 8, Q4_0 for --bits 4). --block/--sym/--clip apply to safetensors only.", rich_help_panel="GGUF")] = None,
     super_type: Annotated[str, typer.Option("--super-type", help="--format gguf: type of the tensors holding super weights (they stay in the tensor), when more precise than its planned type: Q8_0, Q6_K or F16.", rich_help_panel="GGUF")] = "Q8_0",
+    imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="--format gguf: an importance matrix (swtool imatrix's or llama-imatrix's file) the quantizers weight their rounding by, as llama-quantize --imatrix.", rich_help_panel="GGUF")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB, 500MB.", rich_help_panel="Output")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.", rich_help_panel="Output")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
@@ -286,7 +287,7 @@ def quantize(
 
         request = QuantizeRequest(
             model, output, bits, block, sym, clip, include_embeddings, include_head, keep_super, super_file,
-            out_format, gguf_type, super_type, max_shard_size, force, allow_nonfinite,
+            out_format, gguf_type, super_type, max_shard_size, force, allow_nonfinite, imatrix,
         )  # fmt: skip
         report = quantize_model(request, partial(progress_bar, enabled=not quiet), ahead)
         if not quiet:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import torch
 
 from swtool.codecs.rtn import Clip, QuantSpec, check_bits, parse_block, parse_clip
@@ -26,6 +27,7 @@ from swtool.formats.base import Checkpoint, Held
 from swtool.formats.compressed_tensors import schema as ct_schema
 from swtool.formats.compressed_tensors import writer as ct_writer
 from swtool.formats.gguf import writer as gguf_out
+from swtool.formats.gguf.imatrix import read_imatrix
 from swtool.formats.gguf.mixes import parse_mix
 from swtool.formats.hf.export import copy_model_files, exported_names
 from swtool.formats.hf.writer import parse_size
@@ -57,6 +59,8 @@ class QuantizeJob:
     """--format gguf: the GGML tensor type (see swtool.formats.gguf.writer for which tensors get it)."""
     super_type: str = "Q8_0"
     """--format gguf: the type of tensors holding a held super weight (they stay in the tensor)."""
+    importance: dict[str, np.ndarray] = field(default_factory=dict)
+    """--format gguf --imatrix: GGUF weight name -> (matrices, row length) per-column weights."""
     float8: bool = False
     """--format compressed-tensors --bits fp8: E4M3 weights instead of integers."""
 
@@ -116,7 +120,8 @@ def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -
     """A GGUF file llama.cpp runs; super weights stay in their tensors, which are written at job.super_type."""
     checkpoint = job.checkpoint
     plan = gguf_out.plan_gguf(
-        checkpoint, job.gguf_type, super_weights=job.held, keep_super=bool(job.held), super_type=job.super_type, provenance=job.provenance
+        checkpoint, job.gguf_type, super_weights=job.held, keep_super=bool(job.held), super_type=job.super_type, provenance=job.provenance,
+        importance=job.importance,
     )
     gguf_out.write_gguf(checkpoint, plan, path, progress)
     types = {source: t.qtype.name for t in plan.tensors for source in (t.stacked or (t.source,))}
@@ -269,6 +274,19 @@ class QuantizeRequest:
     max_shard_size: str = "5GB"
     force: bool = False
     allow_nonfinite: bool = False
+    imatrix: Path | None = None
+    """--format gguf: an importance matrix (llama.cpp's GGUF file, or a legacy .dat) to weight the rounding by."""
+
+
+def read_importance(path: Path | None, out_format: str) -> dict[str, np.ndarray]:
+    """--imatrix FILE: each weight's per-column mean squares, as llama-quantize derives them; {} without one."""
+    if path is None:
+        return {}
+    if out_format != "gguf":
+        raise SwtoolError("--imatrix applies to --format gguf only (llama.cpp's quantizers weight their rounding by it)")
+    if not path.is_file():
+        raise SwtoolError(f"--imatrix {path}: no such file")
+    return {name: entry.means() for name, entry in read_imatrix(path).entries.items()}
 
 
 def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None = None, stdin: TextIO | None = None) -> QuantizeReport:
@@ -283,7 +301,8 @@ def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None
         raise SwtoolError("--super and --no-keep-super contradict each other")
     writer, is_directory = WRITERS[out_format]
     ggml_type = gguf_types(out_format, r.gguf_type, width, r.super_type)
-    check_target(r.output, [r.model], r.force)
+    importance = read_importance(r.imatrix, out_format)
+    check_target(r.output, [r.model] + ([r.imatrix] if r.imatrix else []), r.force)
     checkpoint = open_checkpoint(r.model, allow_nonfinite=r.allow_nonfinite)
     if ahead is not None:
         ahead.stop()
@@ -305,15 +324,18 @@ def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None
     }  # fmt: skip
     if out_format == "gguf":
         options.update({"type": ggml_type, "super_type": r.super_type.upper()})
+        if r.imatrix is not None:
+            options["imatrix"] = r.imatrix.name
     job = QuantizeJob(
         checkpoint,
         spec,
         targets(checkpoint, r.include_embeddings, r.include_head),
         held,
-        {"swtool.source": str(r.model.resolve()), **provenance("quantize", options, model_inputs(checkpoint), digests)},
+        {"swtool.source": str(r.model.resolve()), **provenance("quantize", options, [*model_inputs(checkpoint), *([r.imatrix] if r.imatrix else [])], digests)},
         max_bytes,
         gguf_type=ggml_type or "Q4_0",
         super_type=r.super_type,
+        importance=importance,
         float8=float8,
     )
     with atomic_output(r.output, directory=is_directory, inputs=[r.model], force=r.force) as temp:

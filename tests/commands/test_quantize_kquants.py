@@ -84,3 +84,54 @@ def test_q6_k_super_type_is_not_a_demotion_and_falls_back_on_short_rows(tmp_path
     assert any(n.startswith("blk.0.ffn_down.weight: row length 128 is not a multiple of 256 (the Q6_K") for n in plan.notes)
     plan = plan_gguf(checkpoint, "F16", super_weights=held, keep_super=True, super_type="Q6_K")
     assert {t.name: t.qtype for t in plan.tensors}["blk.0.ffn_down.weight"] == T.F16
+
+
+@pytest.fixture(scope="module")
+def importance(hf, tmp_path_factory):
+    """An importance matrix of the tiny llama made by swtool imatrix on a short text."""
+    folder = tmp_path_factory.mktemp("imatrix")
+    (folder / "text.txt").write_text(" ".join(f"word{n % 37} and {n * 7 % 11} more" for n in range(400)))
+    result = invoke("imatrix", hf, "--text", folder / "text.txt", "-o", folder / "m.imatrix.gguf", "--ctx", "64", "--chunks", "4", "-q")
+    assert result.exit_code == 0, result.output
+    return folder / "m.imatrix.gguf"
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q4_0"])
+def test_imatrix_weights_every_named_tensor(hf, importance, tmp_path, mix):
+    """--imatrix: each tensor the imatrix names holds the weighted codecs' bytes (golden-tested against llama.cpp's
+    weighted quantizers), with the imatrix's means as weights; provenance records the file."""
+    from swtool.formats.gguf.imatrix import read_imatrix
+
+    _, reader = quantize(hf, tmp_path / "m.gguf", "--type", mix, "--no-keep-super", "-q", "--imatrix", importance)
+    means = {name: entry.means() for name, entry in read_imatrix(importance).entries.items()}
+    checkpoint = open_checkpoint(hf)
+    planned = {t.name: t for t in plan_gguf(checkpoint, mix, importance=means).tensors}
+    weighted = 0
+    for tensor in reader.tensors:
+        plan = planned[tensor.name]
+        if tensor.tensor_type in (T.F32, T.F16, T.Q8_0) or tensor.name not in means:
+            continue
+        weight = checkpoint.load(plan.source)
+        heads = qk_heads(checkpoint.family, checkpoint.config, plan.source)
+        weight = permute_qk(weight, heads) if heads else weight
+        expected = encode(weight, tensor.tensor_type, weights=means[tensor.name][0])
+        assert np.array_equal(np.asarray(tensor.data).view(np.uint8).reshape(-1), expected.reshape(-1)), tensor.name
+        assert not np.array_equal(expected, encode(weight, tensor.tensor_type)), f"{tensor.name}: the weights changed nothing"
+        weighted += 1
+    assert weighted >= 4 * LAYERS
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert json.loads(fields["swtool.options"])["imatrix"] == importance.name
+    assert importance.name in json.loads(fields["swtool.inputs"])
+
+
+def test_imatrix_is_checked_before_any_work(hf, importance, tmp_path):
+    from tests.helpers.clirun import assert_user_error
+
+    assert_user_error(invoke("quantize", hf, "-o", tmp_path / "q", "--imatrix", importance), "--imatrix applies to --format gguf only")
+    assert_user_error(invoke("quantize", hf, "-o", tmp_path / "q.gguf", "--imatrix", tmp_path / "missing.gguf"), "--imatrix .*: no such file")
+    other = tmp_path / "other"
+    from tests.helpers.tiny import build
+
+    build("llama", other, hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS, tie_word_embeddings=False)
+    assert_user_error(invoke("quantize", other, "-o", tmp_path / "o.gguf", "--type", "Q4_0", "--no-keep-super", "--imatrix", importance), "an imatrix of another model")
+    assert not (tmp_path / "o.gguf").exists()

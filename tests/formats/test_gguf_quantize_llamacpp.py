@@ -36,10 +36,10 @@ def run(*command: str | Path) -> str:
     return result.stdout + result.stderr
 
 
-def swtool_quantize(source: Path, out: Path, mix: str) -> None:
+def swtool_quantize(source: Path, out: Path, mix: str, *extra: object) -> None:
     from tests.helpers.clirun import invoke
 
-    result = invoke("quantize", source, "-o", out, "--type", mix, "--no-keep-super", "-q")
+    result = invoke("quantize", source, "-o", out, "--type", mix, "--no-keep-super", "-q", *extra)
     assert result.exit_code == 0, result.output
 
 
@@ -56,15 +56,39 @@ def contents(path: Path) -> tuple[dict, dict]:
     return fields, {t.name: t for t in reader.tensors}
 
 
+@pytest.fixture(scope="module")
+def imatrix(smollm2_gguf, wiki_text, tmp_path_factory) -> Path:
+    """An importance matrix of SmolLM2 on Wikipedia text, made by swtool imatrix (llama-quantize reads it as its own)."""
+    from tests.helpers.clirun import invoke
+
+    folder = tmp_path_factory.mktemp("imatrix")
+    (folder / "wiki.txt").write_text(wiki_text[:40_000])
+    result = invoke("imatrix", smollm2_gguf, "--text", folder / "wiki.txt", "-o", folder / "wiki.imatrix.gguf", "--ctx", "256", "--chunks", "4", "-q")
+    assert result.exit_code == 0, result.output
+    return folder / "wiki.imatrix.gguf"
+
+
 @pytest.mark.parametrize("mix", QUANTIZED_MIXES)
 def test_same_bytes_as_llama_quantize(f16, tmp_path, mix):
+    assert_same_bytes(f16, tmp_path, mix)
+
+
+@pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_same_bytes_as_llama_quantize_with_an_imatrix(f16, imatrix, tmp_path, mix):
+    """--imatrix: the weighted quantizers and the mixes' imatrix rules give llama-quantize --imatrix's bytes."""
+    assert_same_bytes(f16, tmp_path, mix, imatrix)
+
+
+def assert_same_bytes(f16: Path, tmp_path: Path, mix: str, imatrix: Path | None = None) -> None:
     theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "swtool.gguf"
-    run(Path(BIN) / "llama-quantize", f16, theirs, mix, "2")
-    swtool_quantize(f16, ours, mix)
+    run(Path(BIN) / "llama-quantize", *(["--imatrix", imatrix] if imatrix else []), f16, theirs, mix, "2")
+    swtool_quantize(f16, ours, mix, *(["--imatrix", imatrix] if imatrix else []))
     their_fields, their_tensors = contents(theirs)
     our_fields, our_tensors = contents(ours)
     assert sorted(our_tensors) == sorted(their_tensors)  # llama-quantize writes them sorted by layer, swtool in input order
     for key, value in their_fields.items():
+        if key.startswith("quantize.imatrix."):  # llama-quantize records the imatrix file it was given; swtool's provenance does
+            continue
         assert our_fields.get(key) == value, key
     assert our_fields["general.file_type"] == int(MIXES[mix].file_type)
     for name, their in their_tensors.items():

@@ -25,7 +25,7 @@ refuse unknown tensors, so none are added).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,9 @@ class GGUFTensor:
     stacked: tuple[str, ...] = ()
     """Routed experts' canonical names, stacked along a new first axis into this one tensor
     (llama.cpp's `ffn_*_exps`, expert order); `source` is the first. Empty for every other tensor."""
+    importance: np.ndarray | None = field(default=None, compare=False)
+    """(matrices, row length) per-column weights from an importance matrix (one row per expert of a
+    stacked tensor), which the quantizers weight their rounding error by, as llama-quantize --imatrix."""
 
     @property
     def nbytes(self) -> int:
@@ -167,8 +170,13 @@ def plan_gguf(
     keep_super: bool = False,
     super_type: str = "Q8_0",
     provenance: dict[str, str] | None = None,
+    importance: Mapping[str, np.ndarray] | None = None,
 ) -> GGUFPlan:
-    """Every tensor's GGUF name, shape and type, and every key/value, from headers alone."""
+    """Every tensor's GGUF name, shape and type, and every key/value, from headers alone.
+
+    `importance`: GGUF weight name -> (matrices, row length) per-column weights (an imatrix's
+    means); the tensors it names are quantized with them, and the mixes' imatrix-only rules apply.
+    """
     mix = parse_mix(type_name)
     protect = parse_type(super_type, "--super-type", SUPER_TYPES) if keep_super else None
     arch = gguf_arch(checkpoint)
@@ -180,7 +188,8 @@ def plan_gguf(
         stacked = tuple(sources) if expert_index(sources[0]) >= 0 else ()
         shape = (len(stacked), *checkpoint.shape(sources[0])) if stacked else tuple(checkpoint.shape(sources[0]))
         entries.append((name, sources, stacked, shape))
-    mixed = mix_types(checkpoint, arch, metadata, entries, mix.name, notes) if mix.quantized else {}
+    importance = importance or {}
+    mixed = mix_types(checkpoint, arch, metadata, entries, mix.name, notes, bool(importance)) if mix.quantized else {}
     fallbacks: list[Fallback] = []
     tensors: list[GGUFTensor] = []
     for name, sources, stacked, shape in entries:
@@ -191,7 +200,8 @@ def plan_gguf(
         elif not can_encode(shape, qtype):
             qtype = fit_row(name, shape[-1], qtype, fallbacks)
         offset = family.gguf_norm_offset if source.endswith("norm.weight") else 0.0
-        tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source), offset, stacked=stacked))
+        weights = tensor_importance(name, shape, importance)
+        tensors.append(GGUFTensor(source, name, shape, qtype, qk_heads(family, checkpoint.config, source), offset, stacked=stacked, importance=weights))
     notes.extend(f.note for f in fallbacks)
     for name, values in (rope_tensors(checkpoint.config) if checkpoint.format != "gguf" else {}).items():
         tensors.append(GGUFTensor(name, name, tuple(values.shape), QType.F32, values=values))
@@ -204,7 +214,19 @@ def plan_gguf(
     return GGUFPlan(arch, mix.default, tensors, metadata, notes)
 
 
-def mix_types(checkpoint: Checkpoint, arch: str, metadata: Metadata, entries: list, mix: str, notes: list[str]) -> dict[str, QType]:
+def tensor_importance(name: str, shape: tuple[int, ...], importance: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The imatrix weights of one tensor, checked against its shape as llama-quantize checks them
+    (a row per matrix: one, or one per expert); None where the imatrix has no entry for it."""
+    weights = importance.get(name)
+    if weights is None or len(shape) < 2:
+        return None
+    matrices = shape[0] if len(shape) == 3 else 1
+    if weights.shape != (matrices, shape[-1]):
+        raise SwtoolError(f"--imatrix: entry {name} holds {list(weights.shape)} values, the tensor needs {[matrices, shape[-1]]} (an imatrix of another model?)")
+    return weights
+
+
+def mix_types(checkpoint: Checkpoint, arch: str, metadata: Metadata, entries: list, mix: str, notes: list[str], has_imatrix: bool = False) -> dict[str, QType]:
     """Each tensor's type at a K-quant mix, as llama-quantize would pick it from the F16 file llama.cpp's
     converter makes of this checkpoint (or from this GGUF), with its fallback notes appended to `notes`.
 
@@ -215,7 +237,7 @@ def mix_types(checkpoint: Checkpoint, arch: str, metadata: Metadata, entries: li
         TensorSpec(name, shape, QType[checkpoint.stored_dtype(sources[0])] if checkpoint.format == "gguf" else QType.F32)
         for name, sources, _, shape in entries
     ]
-    plan = plan_mix(mix, specs, facts)
+    plan = plan_mix(mix, specs, facts, has_imatrix=has_imatrix)
     notes.extend(plan.notes)
     return plan.types
 
@@ -268,7 +290,11 @@ def super_weight_metadata(checkpoint: Checkpoint, tensors: list[GGUFTensor], wei
 
 def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
     if tensor.stacked:  # one expert at a time: memory holds one expert's weights plus the encoded bytes
-        return np.stack([encoded_tensor(checkpoint, replace(tensor, source=s, shape=tensor.shape[1:], stacked=())) for s in tensor.stacked])
+        rows = tensor.importance if tensor.importance is not None else [None] * len(tensor.stacked)
+        return np.stack([
+            encoded_tensor(checkpoint, replace(tensor, source=s, shape=tensor.shape[1:], stacked=(), importance=None if r is None else r[None]))
+            for s, r in zip(tensor.stacked, rows)
+        ])  # fmt: skip
     # fp16/bf16 weights go to the codecs as they are stored (exact either way, and the codecs
     # read them without an fp32 copy); a folded norm offset is added in float32, as the converter does
     dtype = float_dtype(checkpoint.stored_dtype(tensor.source), torch.float32) if tensor.values is None and not tensor.offset else torch.float32
@@ -278,7 +304,7 @@ def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
     if tensor.offset:
         weight = weight + tensor.offset
     try:
-        return encode(weight, tensor.qtype)
+        return encode(weight, tensor.qtype, weights=None if tensor.importance is None else tensor.importance[0])
     except NonFiniteError as exc:
         raise SwtoolError(f"{checkpoint.path}: tensor {checkpoint.stored_name(tensor.source)} {exc}") from None
 
