@@ -86,10 +86,8 @@ static inline vi iclamp(vi v, int lo, int hi) {
     return isel(v > hi, splati(hi), v);
 }
 
-/* Symmetric levels L in [0, 2*nmax) for x ~ scale * (L - nmax), weighted least squares
- * (w = qw[i], or x^2 without weights), trying 18 scales around -nmax/max (ggml's make_qx_quants,
- * rmse_type 1, the only kind the K-quants and weighted legacy types use). Returns the scales. */
-static vf fit_symmetric_lanes(int n, int nmax, const vf *restrict x, const vf *restrict qw, vi *restrict L) {
+/* Per lane, the value of largest magnitude (the first one, its sign kept) and that magnitude. */
+static vf signed_max_lanes(int n, const vf *restrict x, vf *restrict amax_out) {
     vf max = splat(0), amax = splat(0);
     for (int i = 0; i < n; i++) {
         vf ax = vabs(x[i]);
@@ -97,6 +95,15 @@ static vf fit_symmetric_lanes(int n, int nmax, const vf *restrict x, const vf *r
         amax = vsel(bigger, ax, amax);
         max = vsel(bigger, x[i], max);
     }
+    *amax_out = amax;
+    return max;
+}
+
+/* Symmetric levels L in [0, 2*nmax) for x ~ scale * (L - nmax), weighted least squares
+ * (w = qw[i], or x^2 without weights), trying 18 scales around -nmax/max (ggml's make_qx_quants,
+ * rmse_type 1, the only kind the K-quants and weighted legacy types use). Returns the scales. */
+static vf fit_symmetric_lanes(int n, int nmax, const vf *restrict x, const vf *restrict qw, vi *restrict L) {
+    vf amax, max = signed_max_lanes(n, x, &amax);
     vi zero = amax < TINY;
     vf iscale = splat((float)-nmax) / max;
     vf sumlx = splat(0), suml2 = splat(0);
@@ -247,13 +254,7 @@ static void fit_affine_many(int groups, int n, int nmax, const float *restrict x
  * A lane whose sweep changed nothing would repeat it unchanged, so running the remaining sweeps
  * for it (while other lanes still change) gives ggml's early exit. */
 static vf fit_q3_lanes(int n, int nmax, const vf *restrict x, vi *restrict L) {
-    vf max = splat(0), amax = splat(0);
-    for (int i = 0; i < n; i++) {
-        vf ax = vabs(x[i]);
-        vi bigger = ax > amax;
-        amax = vsel(bigger, ax, amax);
-        max = vsel(bigger, x[i], max);
-    }
+    vf amax, max = signed_max_lanes(n, x, &amax);
     vi zero = amax < TINY;
     vf iscale = splat((float)-nmax) / max;
     vf sumlx = splat(0), suml2 = splat(0);
