@@ -117,6 +117,10 @@ class Checkpoint(ABC):
     def has(self, name: str) -> bool:
         return name in self._entries
 
+    def release(self, name: str) -> None:
+        """Done with tensor `name` for good (a streamed writer calls this after each tensor): a format that maps
+        its file may drop the tensor's pages from this process. Nothing by default."""
+
     def load(self, name: str, dtype: torch.dtype = torch.float32, rows: Rows = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor (or `rows` of it) in `dtype`. Safe to call from several threads at once.
 

@@ -15,6 +15,7 @@ unchanged for `ffn_down` (an expert's rows and columns index its slice).
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import re
 import struct
 from pathlib import Path
@@ -213,6 +214,20 @@ class GGUFCheckpoint(Checkpoint):
 
     def stored_dtype(self, name: str) -> str:
         return self._entries[name].tensor_type.name
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's mapped pages from this process (MADV_DONTNEED: the mapping is read-only and
+        file-backed, so the pages stay in the page cache and a later read faults them back in). Without it a
+        streamed rewrite of a GGUF ends with the whole input counted in its RSS (2.6 GB for a 1.1B F16 file)."""
+        tensor = self._entries.get(name)
+        mapping = getattr(self.reader.data, "_mmap", None)
+        if tensor is None or mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED, start, int(tensor.data_offset) + int(tensor.n_bytes) - start)
+        except (OSError, ValueError):  # best effort: memory, never correctness
+            pass
 
     def _read(self, name: str, rows: Rows) -> torch.Tensor:
         tensor = self._entries[name]

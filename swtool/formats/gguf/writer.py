@@ -315,6 +315,8 @@ def write_gguf(checkpoint: Checkpoint, plan: GGUFPlan, path: Path, progress: Pro
         with parallel_chunks():  # one pool of worker threads for every tensor's chunks
             for index, tensor in enumerate(plan.tensors):
                 writer.write_tensor_data(encoded_tensor(checkpoint, tensor))
+                for source in tensor.stacked or (tensor.source,):
+                    checkpoint.release(source)
                 if progress:
                     progress(index + 1, len(plan.tensors))
     finally:
