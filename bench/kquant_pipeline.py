@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/swtool-kquant-bench"))
     parser.add_argument("--mix", default="Q4_K_M")
     parser.add_argument("--only", default="convert,quantize,scan", help="which of the three measurements to make")
+    parser.add_argument("--hf", type=Path, help="an HF directory to use instead of SmolLM2 (e.g. bench/scan_bench.py's random 1.1B)")
     args = parser.parse_args()
     bin_dir = Path(os.environ.get("SWTOOL_LLAMA_CPP", ""))
     if not (bin_dir / "llama-quantize").is_file():
@@ -77,17 +78,17 @@ def main() -> None:
     converter_env = {**os.environ, "PYTHONPATH": str(source_dir / "gguf-py")}
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    hf = work / "smollm2-hf"
+    hf = args.hf or work / "smollm2-hf"
     if not (hf / "config.json").is_file():  # in a child: this process stays small, as its RSS is inherited by every fork it measures
         export = ("import sys, torch; from swtool.formats.hf.export import export_hf; from swtool.formats.open import open_checkpoint; "
                   "from pathlib import Path; Path(sys.argv[2]).mkdir(parents=True, exist_ok=True); "
                   "export_hf(open_checkpoint(Path(sys.argv[1])), Path(sys.argv[2]), torch.float16)")
         subprocess.run([sys.executable, "-c", export, str(smollm2_gguf()), str(hf)], check=True)
-    f16, mixed = work / "f16.gguf", work / f"{args.mix}.gguf"
+    f16, mixed = work / f"{hf.name}-f16.gguf", work / f"{hf.name}-{args.mix}.gguf"
     subprocess.run(swtool("quantize", hf, "-o", f16, "--type", "F16", "--no-keep-super", "--force", "-q"), check=True)
     subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(mixed), args.mix, str(args.threads)], check=True, capture_output=True)
     only = set(args.only.split(","))
-    print(f"# SmolLM2-135M-Instruct, {args.repeat} alternating rounds, llama.cpp threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
+    print(f"# {args.hf or 'SmolLM2-135M-Instruct'}, {args.repeat} alternating rounds, llama.cpp threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
 
     if "convert" in only:
         runs: dict[str, list] = {f"convert_hf_to_gguf.py --outtype f16 + llama-quantize {args.mix}": [], f"swtool quantize HF --type {args.mix}": []}

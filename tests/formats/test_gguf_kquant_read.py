@@ -59,3 +59,20 @@ def test_rows_decode_only_their_bytes(q2_k, monkeypatch):
     assert qtype in kquants.TYPES
     checkpoint.load(name, rows=[7, 3])
     assert sizes == [2 * kquants.row_bytes(256, qtype)]
+
+
+
+def test_tensor_bytes_are_read_not_mapped(q2_k, monkeypatch):
+    """Rows come from pread of their own bytes (a memory map's touched pages would stay in the process's RSS:
+    a scan or a rewrite of a GGUF grew by the whole file)."""
+    import swtool.formats.gguf.reader as reader_mod
+
+    checkpoint = open_checkpoint(q2_k)
+    read = []
+    preadv = reader_mod.os.preadv
+    monkeypatch.setattr(reader_mod.os, "preadv", lambda fd, buffers, offset: read.append(sum(len(b) for b in buffers)) or preadv(fd, buffers, offset))
+    name = "model.embed_tokens.weight"
+    qtype = gguf.GGMLQuantizationType[checkpoint.stored_dtype(name)]
+    rows = checkpoint.load(name, rows=[7, 3])
+    assert sum(read) == 2 * kquants.row_bytes(256, qtype) and len(read) == 2
+    assert torch.equal(rows, checkpoint.load(name)[[7, 3]])
