@@ -43,4 +43,6 @@ def test_smollm2_compressed_tensors_runs_in_transformers(smollm2_gguf, smollm2_h
     assert reference < quantized < 1.8 * reference  # symmetric 4-bit RTN at 64 costs ~60 % on this 135M model (README table: 25.2 vs 15.8)
     state = swtool.load_state_dict(q)
     name = "model.layers.5.self_attn.q_proj.weight"
-    assert torch.equal(state[name].float(), model.get_parameter(name))
+    # transformers' default route rebuilds q * s in float32 (exact: small integers times fp16 scales);
+    # swtool, as the package, in the scales' fp16: the same value once rounded to fp16
+    assert torch.equal(state[name], model.get_parameter(name).half())
