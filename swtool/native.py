@@ -35,6 +35,11 @@ def sources() -> list[Path]:
     """Every C source of the library, in a fixed order (one file per family of kernels)."""
     return sorted(KERNELS.glob("*.c"))
 
+
+def cache_inputs() -> list[Path]:
+    """Every file whose text decides the compiled library: the sources and the headers they share."""
+    return sorted(KERNELS.glob("*.[ch]"))
+
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 """Source dtype codes the kernels take (torch dtype names without the prefix)."""
 
@@ -103,7 +108,7 @@ def _build() -> Path:
         raise OSError("no C compiler (cc, gcc or $CC) found")
     flags = _flags()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*(path.read_text() for path in sources()), compiler, version, *flags, platform.machine()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(path.read_text() for path in cache_inputs()), compiler, version, *flags, platform.machine()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{key}.so"
     if not target.is_file():
         temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

@@ -20,6 +20,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "ggml_blocks.h"
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -140,26 +142,6 @@ static inline float signed_absmax(const float *restrict v) {
     uint32_t amax = float_bits(abs_max(v, QK)), hits = 0;
     for (int i = 0; i < QK; i++) hits |= (uint32_t)((float_bits(v[i]) & 0x7FFFFFFFu) == amax) << i;
     return v[__builtin_ctz(hits)]; /* hits != 0: the maximum is one of the values */
-}
-
-static inline void nibbles(const uint8_t *restrict q, uint8_t *restrict out) {
-    for (int i = 0; i < QK / 2; i++) out[i] = (uint8_t)((q[i] & 0x0F) | (q[i + QK / 2] << 4));
-}
-
-static inline void high_bits(const uint8_t *restrict q, uint8_t *restrict out) {
-    uint32_t h = 0;
-    for (int i = 0; i < QK; i++) h |= (uint32_t)(q[i] >> 4) << i;
-    memcpy(out, &h, 4);
-}
-
-/* A block's codes after its scale (and min): 4-bit ones as nibbles; 5-bit ones as the fifth
- * bits (qh, 4 bytes) then the low nibbles, as in ggml's block_q5_0 / block_q5_1. */
-static inline void put_codes(const uint8_t *q, uint8_t *out, int levels) {
-    if (levels == 32) {
-        high_bits(q, out);
-        out += 4;
-    }
-    nibbles(q, out);
 }
 
 /* Q4_0 (levels 16) and Q5_0 (levels 32): d = signed absmax / -(levels/2); q = trunc(x/d + levels/2 + 0.5). */

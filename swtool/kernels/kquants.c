@@ -32,6 +32,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ggml_blocks.h"
+
 #pragma GCC diagnostic ignored "-Wpsabi" /* vectors passed between static functions only: no ABI to keep */
 
 enum { KQ_Q4_0 = 2, KQ_Q4_1 = 3, KQ_Q5_0 = 6, KQ_Q5_1 = 7, KQ_Q2_K = 10, KQ_Q3_K = 11, KQ_Q4_K = 12, KQ_Q5_K = 13, KQ_Q6_K = 14 };
@@ -660,16 +662,8 @@ static void encode_symmetric_row(const float *restrict x, int64_t n, uint8_t *re
             for (int g = 0; g < count; g++) importance(32, x + 32 * g, qw + 32 * g, sigma2, w + 32 * g);
             fit_symmetric_many(count, 32, nmax, x, w, levels, d);
         }
-        const int8_t *L = levels + 32 * lane;
         put_f16(y, d[lane]);
-        uint8_t *qs = y + 2;
-        if (nmax == 16) {
-            uint32_t qh = 0;
-            for (int j = 0; j < 32; j++) qh |= (uint32_t)((L[j] >> 4) & 1) << j;
-            memcpy(y + 2, &qh, 4);
-            qs += 4;
-        }
-        for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4));
+        put_codes((const uint8_t *)(levels + 32 * lane), y + 2, 2 * nmax); /* levels in [0, 2*nmax) */
     }
 }
 
@@ -686,17 +680,9 @@ static void encode_affine_row(const float *restrict x, int64_t n, uint8_t *restr
             for (int g = 0; g < count; g++) importance(32, x + 32 * g, qw + 32 * g, sigma2, w + 32 * g);
             fit_affine_many(count, 32, nmax, x, w, levels, d, neg_min, -0.9f, 0.05f, 36, 0, 1);
         }
-        const uint8_t *L = levels + 32 * lane;
         put_f16(y, d[lane]);
         put_f16(y + 2, -neg_min[lane]);
-        uint8_t *qs = y + 4;
-        if (nmax == 31) {
-            uint32_t qh = 0;
-            for (int j = 0; j < 32; j++) qh |= (uint32_t)((L[j] >> 4) & 1) << j;
-            memcpy(y + 4, &qh, 4);
-            qs += 4;
-        }
-        for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4));
+        put_codes(levels + 32 * lane, y + 4, nmax + 1); /* levels in [0, nmax] */
     }
 }
 
