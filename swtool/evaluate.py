@@ -23,6 +23,7 @@ from typing import TextIO
 import torch
 
 from swtool.ablation import EditPlan, edit_tensor
+from swtool.data.text import read_utf8
 from swtool.actquant import (
     SMOOTHED,
     ActivationQuantizer,
@@ -249,11 +250,7 @@ def evaluate(
 ) -> EvalResult:
     """Perplexity of `checkpoint` on a UTF-8 text file; SmoothQuant calibrates on windows after the evaluated ones."""
     options = options or Options()
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SwtoolError(f"{text_path}: cannot read as UTF-8 text ({exc.__class__.__name__})") from None
-    ids = load_tokenizer(checkpoint).encode(text).ids
+    ids = load_tokenizer(checkpoint).encode(read_utf8(text_path)).ids
     ctx = min(ctx, checkpoint.config.max_position_embeddings)
     every = cut_windows(ids, ctx)
     if max_windows is not None and max_windows < 1:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swtool.data.text import builtin_text_path
+from swtool.data.text import builtin_text_path, read_utf8
 from swtool.errors import SwtoolError
 from swtool.formats.atomic import atomic_output, check_target
 from swtool.formats.open import open_checkpoint
@@ -73,10 +73,7 @@ class ImatrixResult:
 
 def read_text(path: Path) -> str:
     """The text as llama.cpp's -f reads it: whole, with one trailing newline dropped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SwtoolError(f"{path}: cannot read as UTF-8 text ({exc.__class__.__name__})") from None
+    text = read_utf8(path)
     text = text[:-1] if text.endswith("\n") else text
     if not text.strip():
         raise SwtoolError(f"{path}: the text is empty")

@@ -18,6 +18,8 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from swtool.errors import SwtoolError
+
 
 @cache
 def builtin_text() -> str:
@@ -28,3 +30,11 @@ def builtin_text() -> str:
 def builtin_text_path() -> Path:
     """The built-in text's file (for commands that take a text file and record its digest)."""
     return Path(str(resources.files("swtool").joinpath("data/builtin_text.txt")))
+
+
+def read_utf8(path: Path) -> str:
+    """A user's text file (eval's --text, imatrix's --text), whole; unreadable or not UTF-8 is one line."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SwtoolError(f"{path}: cannot read as UTF-8 text ({exc.__class__.__name__})") from None
