@@ -149,6 +149,14 @@ def guarded(run: Callable[[], int]) -> None:
         raise typer.Exit(status)
 
 
+def show(document: dict, render: Callable[[], None], as_json: bool, quiet: bool) -> None:
+    """A command's result on stdout: one JSON document (flushed, for pipelines) or the human rendering."""
+    if as_json:
+        print(json.dumps(document), flush=True)
+    elif not quiet:
+        render()
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -183,7 +191,7 @@ def scan(
 
         ahead = prefetch(models[0])  # the disk works while torch imports; stopped once the checkpoint is open
         from swtool import directory as sw_directory
-        from swtool.report import progress_bar, render_expected, render_scan
+        from swtool.report import progress_bar, render_scan
         from swtool.scan import check_device, scan_model
 
         compute = torch_dtype(dtype)
@@ -223,12 +231,7 @@ def scan(
                 from swtool.plot import plot_scan
 
                 plot_scan(result, plot)
-            if as_json:
-                print(json.dumps(doc), flush=True)
-            elif not quiet:
-                render_scan(result)
-                if "expected" in doc:
-                    render_expected(doc["expected"])
+            show(doc, partial(render_scan, result, doc.get("expected")), as_json, quiet)
         return 2 if failures else 0
 
     guarded(run)
@@ -347,10 +350,7 @@ def eval_(
             result = evaluate_model(
                 model, text, options, super_file, ahead=ahead, ctx=ctx, max_windows=max_windows, batch=batch, dtype=compute, device=device, progress=progress
             )
-        if as_json:
-            print(json.dumps(result.to_json()), flush=True)
-        elif not quiet:
-            render_eval(result)
+        show(result.to_json(), lambda: render_eval(result), as_json, quiet)
         return 0
 
     guarded(run)
@@ -389,10 +389,7 @@ def imatrix(
                 model, output, text, builtin, ahead=ahead, ctx=ctx, chunks=chunks, batch=batch, ubatch=ubatch,
                 force=force, dtype=compute, dtype_option=dtype, device=device, progress=progress,
             )  # fmt: skip
-        if as_json:
-            print(json.dumps(result.to_json()), flush=True)
-        elif not quiet:
-            render_imatrix(result)
+        show(result.to_json(), lambda: render_imatrix(result), as_json, quiet)
         return 0
 
     guarded(run)

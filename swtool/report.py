@@ -62,7 +62,8 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
 
 
-def render_scan(result: ScanResult) -> None:
+def render_scan(result: ScanResult, expected: list[dict] | None = None) -> None:
+    """The scan's tables, then the comparison with the super weight directory where there is one."""
     out = results()
     out.print(f"[bold]{result.model}[/] ({result.architecture}), prompt of {result.tokens} tokens, one streamed pass with {result.variants} variants")
     check = result.verification
@@ -96,6 +97,8 @@ def render_scan(result: ScanResult) -> None:
         layer = str(s.layer) if s.expert is None else f"{s.layer} e{s.expert}"
         layers.add_row(layer, _fmt(s.in_max), str(s.in_channel), _fmt(s.out_max), str(s.out_channel), str(s.out_token), _fmt(s.ratio), style=style)
     out.print(layers)
+    if expected is not None:
+        render_expected(expected)
 
 
 def render_directory(directory: Directory) -> None:
