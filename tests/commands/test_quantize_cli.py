@@ -13,27 +13,16 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from swtool.cli import app
-
-SUPER = (1, 5, 7)  # layer, row, col
-DOWN = f"model.layers.{SUPER[0]}.mlp.down_proj.weight"
+from tests.helpers.planted import DOWN, SUPER, planted_llama, scan_doc
 
 
 def cli(*args: str, input: str | None = None):
     return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
-def scan_doc(tensor: str = DOWN, row: int = SUPER[1], col: int = SUPER[2]) -> dict:
-    return {"model": "x", "super_weights": [{"layer": SUPER[0], "tensor": tensor, "row": row, "col": col}], "candidates": []}
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from tests.helpers import tiny
-
-    directory = tmp_path_factory.mktemp("src") / "model"
-    built = tiny.build("llama", directory)
-    tiny.plant(built, directory, [SUPER])
-    return directory
+    return planted_llama(tmp_path_factory.mktemp("src") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ from typer.testing import CliRunner
 
 import swtool
 from swtool.cli import app
+from tests.helpers.planted import DOWN, SUPER, planted_llama, scan_doc
 
-SUPER = (1, 5, 7)  # layer, row, col
-DOWN = f"model.layers.{SUPER[0]}.mlp.down_proj.weight"
 PROMPT = torch.tensor([[1, 5, 9, 30, 200, 17, 3, 44, 91, 120]])
 SCHEMES = {
     "int4-asym-group": ["--bits", "4", "--block", "32", "--asym"],
@@ -41,18 +40,13 @@ def cli(*args: object):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from tests.helpers import tiny
-
-    directory = tmp_path_factory.mktemp("src") / "model"
-    built = tiny.build("llama", directory)
-    tiny.plant(built, directory, [SUPER])
-    return directory
+    return planted_llama(tmp_path_factory.mktemp("src") / "model")
 
 
 @pytest.fixture(scope="module")
 def super_json(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("scan") / "scan.json"
-    path.write_text(json.dumps({"model": "x", "super_weights": [{"layer": SUPER[0], "tensor": DOWN, "row": SUPER[1], "col": SUPER[2]}], "candidates": []}))
+    path.write_text(json.dumps(scan_doc()))
     return path
 
 
@@ -190,11 +184,17 @@ PACKAGE_SCHEMES = {
 def package_checkpoint(directory: Path, weights: dict) -> dict[str, torch.Tensor]:
     """A tiny model quantized and saved by compressed-tensors' own compressor; returns the package's own
     dequantized weights (its ModelCompressor.decompress_model) for comparison."""
-    from tests.helpers import tiny
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams
     from safetensors.torch import save_file
+
+    from tests.helpers import tiny
 
     model = tiny.build("llama", directory).half()
     args = QuantizationArgs(**weights)
