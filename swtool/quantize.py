@@ -23,7 +23,7 @@ from swtool.codecs.rtn import Clip, QuantSpec, check_bits, parse_block, parse_cl
 from swtool.detect import scan
 from swtool.errors import SwtoolError
 from swtool.formats.atomic import atomic_output, check_target
-from swtool.formats.base import Checkpoint, Held
+from swtool.formats.base import Checkpoint, Held, HeldValues, held_table
 from swtool.formats.compressed_tensors import schema as ct_schema
 from swtool.formats.compressed_tensors import writer as ct_writer
 from swtool.formats.gguf import writer as gguf_out
@@ -96,14 +96,19 @@ def targets(checkpoint: Checkpoint, include_embeddings: bool = False, include_he
     return [n for n in exported_names(checkpoint) if n in chosen]
 
 
-def held_values(job: QuantizeJob) -> dict[str, list[tuple[int, int, float]]]:
+def held_values(job: QuantizeJob) -> HeldValues:
     """Tensor -> (row, col, fp16 value) for the held weights of quantized tensors, read before any writing."""
-    out: dict[str, list[tuple[int, int, float]]] = {}
+    out: HeldValues = {}
     wanted = set(job.targets)
     for h in job.held:
         if h.tensor in wanted:
             out.setdefault(h.tensor, []).append((h.row, h.col, job.checkpoint.value(h, torch.float16)))
     return out
+
+
+def held_rows(held: HeldValues) -> list[tuple[str, int, int, float]]:
+    """(tensor, row, col, value) of each held-out weight, for the report."""
+    return [(t, r, c, v) for t, rows in held.items() for r, c, v in rows]
 
 
 def write_safetensors(job: QuantizeJob, directory: Path, progress: Progress | None = None) -> QuantizeReport:
@@ -113,7 +118,7 @@ def write_safetensors(job: QuantizeJob, directory: Path, progress: Progress | No
     importance = input_importance(checkpoint) if job.spec.clip.kind == "auto" else {}
     thresholds = write_rtn(checkpoint, directory, job.spec, job.targets, held, job.provenance, job.max_shard_bytes, importance, progress)
     kept = len(exported_names(checkpoint)) - len(job.targets)
-    return QuantizeReport(len(job.targets), kept, [(t, r, c, v) for t, rows in held.items() for r, c, v in rows], thresholds)
+    return QuantizeReport(len(job.targets), kept, held_rows(held), thresholds)
 
 
 def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -> QuantizeReport:
@@ -190,7 +195,7 @@ def write_compressed_tensors(job: QuantizeJob, directory: Path, progress: Progre
         raise SwtoolError(f"{checkpoint.path}: no quantizable tensor left once the super weights' modules are kept")
     layout = compressed_layout(job, chosen)
     names = exported_names(checkpoint)
-    meta = {"swtool.format": ct_schema.METHOD, "swtool.super": json.dumps([{"tensor": t, "row": r, "col": c, "value": v} for t, rows in held.items() for r, c, v in rows])}
+    meta = {"swtool.format": ct_schema.METHOD, "swtool.super": held_table(held)}
     spec = job.spec
     meta["swtool.quant"] = json.dumps({"bits": "fp8" if job.float8 else spec.bits, "block": "channel" if job.float8 else spec.block, "sym": spec.sym or job.float8, "clip": str(spec.clip), "dtype": str(layout.scale_dtype).removeprefix("torch.")})
     importance = input_importance(checkpoint) if spec.clip.kind == "auto" and not job.float8 else {}
@@ -203,7 +208,7 @@ def write_compressed_tensors(job: QuantizeJob, directory: Path, progress: Progre
     shapes = {n: checkpoint.shape(n) for n in names}
     ct_writer.add_quantization_config(directory, layout, ct_writer.ignored_modules(names, shapes, set(chosen)))
     dtype = str(layout.scale_dtype).removeprefix("torch.")
-    report = QuantizeReport(len(chosen), len(names) - len(chosen), [(t, r, c, v) for t, rows in held.items() for r, c, v in rows], thresholds, held_how=f"its module kept unquantized in {dtype}, in `ignore`")
+    report = QuantizeReport(len(chosen), len(names) - len(chosen), held_rows(held), thresholds, held_how=f"its module kept unquantized in {dtype}, in `ignore`")
     siblings = sorted(kept - set(held))
     if siblings:
         report.notes.append(f"kept unquantized too, as vLLM fuses them with a super weight's module: {', '.join(siblings)}")

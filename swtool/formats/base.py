@@ -13,6 +13,7 @@ scanned into nonsense; `allow_nonfinite` lets such weights through.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,15 @@ STORAGE_OF: dict[torch.dtype, Storage] = {s.torch: s for s in STORAGE.values()}
 def float_dtype(stored: str, default: torch.dtype) -> torch.dtype:
     """torch's dtype for a stored float type name (F32, F16, BF16), else `default` (GGML block types...)."""
     return STORAGE[stored].torch if stored in FLOATS else default
+
+
+HeldValues = dict[str, list[tuple[int, int, float]]]
+"""Canonical tensor -> (row, col, fp16 value) of the super weights held out of its quantization."""
+
+
+def held_table(held: HeldValues) -> str:
+    """The side table of held-out weights as the quantized formats record it (`swtool.super`): JSON."""
+    return json.dumps([{"tensor": name, "row": r, "col": c, "value": v} for name, rows in held.items() for r, c, v in rows])
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 from swtool.codecs.pack import packed_size
 from swtool.codecs.rtn import QuantizedTensor, block_length, check_bits, parse_block
 from swtool.errors import SwtoolError
-from swtool.formats.base import FLOATS, STORAGE
+from swtool.formats.base import FLOATS, STORAGE, HeldValues, held_table
 from swtool.formats.hf.writer import PlannedTensor
 
 FORMAT = "swtool-rtn"
@@ -70,17 +70,16 @@ class Header:
     clip: str
     dtype: torch.dtype
     """Default dtype of dequantized tensors (the source's)."""
-    held: dict[str, list[tuple[int, int, float]]]
+    held: HeldValues
     """Canonical tensor name -> (row, col, fp16 value) of its held-out weights."""
 
 
-def metadata(bits: int, block: int | str, sym: bool, clip: str, dtype: torch.dtype, held: dict[str, list[tuple[int, int, float]]], provenance: dict[str, str]) -> dict[str, str]:
-    table = [{"tensor": name, "row": r, "col": c, "value": v} for name, rows in held.items() for r, c, v in rows]
+def metadata(bits: int, block: int | str, sym: bool, clip: str, dtype: torch.dtype, held: HeldValues, provenance: dict[str, str]) -> dict[str, str]:
     meta = {
         "swtool.format": FORMAT,
         "swtool.format_version": str(VERSION),
         "swtool.quant": json.dumps({"bits": bits, "block": block, "sym": sym, "clip": clip, "dtype": str(dtype).removeprefix("torch.")}),
-        "swtool.super": json.dumps(table),
+        "swtool.super": held_table(held),
     }
     meta.update(provenance)  # swtool.version, .command, .options, .inputs (swtool.provenance), and swtool.source
     return meta
@@ -101,7 +100,7 @@ def parse_header(meta: dict[str, str], where: str) -> Header:
         bits = check_bits(int(quant["bits"]))
         block = parse_block(str(quant["block"]))
         dtype = DTYPE_NAMES[quant.get("dtype", "float16")]
-        held: dict[str, list[tuple[int, int, float]]] = {}
+        held: HeldValues = {}
         for entry in table:
             held.setdefault(str(entry["tensor"]), []).append((int(entry["row"]), int(entry["col"]), float(entry["value"])))
         return Header(bits, block, bool(quant["sym"]), str(quant.get("clip", "none")), dtype, held)

@@ -8,22 +8,18 @@ from pathlib import Path
 import torch
 
 from swtool.codecs.rtn import QuantSpec, quantize
-from swtool.formats.base import STORAGE_OF, Checkpoint
+from swtool.formats.base import STORAGE_OF, Checkpoint, HeldValues
 from swtool.formats.hf.export import copy_model_files, exported_names
 from swtool.formats.hf.writer import PlannedTensor, ShardedWriter
 from swtool.formats.rtn import layout
 from swtool.workers import parallel_chunks
-
-Held = dict[str, list[tuple[int, int, float]]]
-"""Canonical tensor -> (row, col, fp16 value) of the weights held out of its quantization."""
-
 
 def write_rtn(
     checkpoint: Checkpoint,
     directory: Path,
     spec: QuantSpec,
     targets: list[str],
-    held: Held,
+    held: HeldValues,
     metadata: dict[str, str],
     max_shard_bytes: int,
     importance: dict[str, torch.Tensor],
