@@ -178,7 +178,7 @@ def scan(
     min_ppl_ratio: Annotated[float, typer.Option(help="The verdict: a candidate is a super weight when zeroing it alone multiplies the verification text's perplexity by at least this.")] = 2.0,
     max_verify: Annotated[int, typer.Option(help="Verify by perplexity at most this many candidates, strongest effect first (those with effect >= --min-effect).")] = 3,
     verify_text: Annotated[Optional[Path], typer.Option(help="UTF-8 text to verify candidates on (default: the built-in English text); its first --verify-tokens tokens are used.")] = None,
-    verify_tokens: Annotated[int, typer.Option(help="Tokens of text the verification runs; its cost is proportional to them.")] = 128,
+    verify_tokens: Annotated[Optional[int], typer.Option(help="Tokens of text the verification runs (default: 64 of the built-in text, 128 of --verify-text); its cost is proportional to them.")] = None,
     expect: Annotated[Optional[str], typer.Option(help="Compare with this model's entries in the super weight directory (default: the model the checkpoint names, if listed).")] = None,
     directory_files: Annotated[Optional[list[Path]], typer.Option("--directory-file", help="Local directory file whose entries --expect also considers (see `swtool directory --file`); repeatable.")] = None,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Go on when weights hold NaN or Inf (refused by default).")] = False,

@@ -53,7 +53,7 @@ from pathlib import Path
 from swtool.errors import SwtoolError
 from swtool.formats.base import Checkpoint, Held
 from swtool.model.forward import LayerStream
-from swtool.verify import BUILTIN, DENSE, WINDOW_TOKENS, Key, compute_dtype, ppl_ratios, read_text, window
+from swtool.verify import BUILTIN, DENSE, Key, compute_dtype, ppl_ratios, read_text, window
 from swtool.workers import parallel_chunks
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
@@ -181,7 +181,7 @@ class Detector:
         min_ppl_ratio: float = 2.0,
         max_verify: int = 3,
         verify_text: Path | None = None,
-        verify_tokens: int = WINDOW_TOKENS,
+        verify_tokens: int | None = None,
         max_rounds: int = 4,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",

@@ -4,7 +4,7 @@ checks needing ordinary text (scan's perplexity verification, calibration) stay 
 The text (`builtin_text.txt`) was written for swtool (it is not taken from any corpus):
 eight paragraphs of encyclopedic prose on the bicycle, plain ASCII with no markup or lists.
 The first three (1,631 characters, 378 SmolLM2 tokens) are what scan verifies on (its first
-128 tokens by default); the later five were added so that `swtool imatrix --builtin` has at
+64 tokens by default); the later five were added so that `swtool imatrix --builtin` has at
 least two 512-token chunks; they do not change the verification. Encyclopedic
 rather than narrative on purpose: the paper measures super weights on Wikipedia-like text,
 and on a first, narrative draft (a harbour lighthouse) zeroing SmolLM2's layer-2 spike

@@ -249,11 +249,15 @@ def test_reader_needs_no_package(outputs, tmp_path):
 # ---- the other commands on a compressed-tensors directory ----------------------------------------
 
 
-def test_scan_finds_the_super_weight(outputs):
+def test_scan_finds_the_planted_weight(outputs):
+    """A tiny random model shows no perplexity effect (its verdict is noise), so the scan's search path is what
+    is checked: the planted weight is the strongest candidate, at its exact coordinates, read from the int4 file."""
     result = cli("scan", outputs["int4-asym-group"], "--json")
     assert result.exit_code == 0, result.output
-    found = json.loads(result.stdout)["super_weights"]
-    assert [(w["tensor"], w["row"], w["col"]) for w in found] == [(DOWN, SUPER[1], SUPER[2])]
+    candidates = json.loads(result.stdout)["candidates"]
+    strongest = max(candidates, key=lambda c: c["effect"] or 0)
+    assert (strongest["tensor"], strongest["row"], strongest["col"]) == (DOWN, SUPER[1], SUPER[2])
+    assert strongest["ppl_ratio"] is not None  # verified (ratio noise on a random model), not skipped
 
 
 def test_dequantize_and_eval(outputs, tmp_path):

@@ -51,7 +51,7 @@ def check_smollm2_verdict(result) -> None:
 def test_gguf_scan_finds_one_super_weight_in_layer_11(gguf_scan):
     check_smollm2_verdict(gguf_scan)
     assert gguf_scan.super_weights[0].tensor == "blk.11.ffn_down.weight"
-    assert gguf_scan.verification["text"] == "built-in" and gguf_scan.verification["tokens"] == 128
+    assert gguf_scan.verification["text"] == "built-in" and gguf_scan.verification["tokens"] == 64
 
 
 def test_with_the_super_weight_zeroed_nothing_at_layer_11_is_a_super_weight(smollm2_gguf, gguf_scan, tmp_path):
