@@ -147,7 +147,11 @@ class Checkpoint(ABC):
         if not self.has(name):
             raise SwtoolError(f"{self.path}: tensor {name} not found")
         reusable = out is not None and rows is None and out.dtype == dtype and out.is_contiguous() and tuple(out.shape) == tuple(self.shape(name))
-        tensor = out if reusable and self._read_into(name, out) else self._read(name, rows)
+        if reusable and self.refills(name, dtype):
+            self._read_into(name, out)
+            tensor = out
+        else:
+            tensor = self._read(name, rows)
         if not self.allow_nonfinite:
             self._check_finite(name, tensor, rows)
         return tensor if tensor is out else tensor.to(dtype)
@@ -177,9 +181,15 @@ class Checkpoint(ABC):
             "the checkpoint is damaged (--allow-nonfinite to go on anyway)"
         )
 
-    def _read_into(self, name: str, out: torch.Tensor) -> bool:
-        """Fill `out` with the whole tensor and say True, where the format can without a whole-size temporary."""
+    def refills(self, name: str, dtype: torch.dtype) -> bool:
+        """Whether `load(name, dtype, out=...)` fills `out` (without a whole-size temporary) rather than
+        making a new tensor: a stream passes the previous layer's tensors only where they are refilled,
+        since otherwise they would just stay alive while the next layer loads."""
         return False
+
+    def _read_into(self, name: str, out: torch.Tensor) -> None:
+        """Fill `out` with the whole tensor (only where `refills` says so)."""
+        raise NotImplementedError
 
     def check_shape(self, name: str, expected: tuple[int, ...]) -> None:
         actual = self.shape(name)

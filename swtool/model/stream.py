@@ -83,12 +83,16 @@ class WeightStream:
             self.checkpoint.check_shape(name, shapes[role])
         return names
 
+    def _refillable(self, name: str, old: torch.Tensor | None) -> torch.Tensor | None:
+        """`old` where loading `name` refills it; otherwise None, so that it is not kept alive for nothing."""
+        return old if old is not None and self.checkpoint.refills(name, self._load_dtype(name)) else None
+
     def layer_weights(self, layer: int, reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """One layer's tensors by role. `reuse`: another layer's weights, whose buffers are
         refilled where the format allows (twice as fast as fresh memory) and taken out of
         `reuse` one by one, so each old tensor is freed as soon as its role is loaded."""
         spare = reuse if reuse is not None else {}
-        return {role: self._get(name, spare.pop(role, None)) for role, name in self._layer_names(layer).items()}
+        return {role: self._get(name, self._refillable(name, spare.pop(role, None))) for role, name in self._layer_names(layer).items()}
 
     def walk(self, start: int = 0, loaders: int = 2) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """Each layer from `start` with its weights, the next layer loading meanwhile on `loaders` threads.
@@ -102,7 +106,7 @@ class WeightStream:
         with ThreadPoolExecutor(loaders, thread_name_prefix="swtool-load") as pool:
 
             def submit(layer: int, reuse: dict[str, torch.Tensor]) -> dict[str, Future]:
-                return {role: pool.submit(self._get, name, reuse.pop(role, None)) for role, name in self._layer_names(layer).items()}
+                return {role: pool.submit(self._get, name, self._refillable(name, reuse.pop(role, None))) for role, name in self._layer_names(layer).items()}
 
             pending = submit(layers[0], {}) if layers else {}
             previous: dict[str, torch.Tensor] = {}

@@ -1,13 +1,17 @@
 """Hugging Face directories: `config.json` plus one safetensors file or an indexed set of shards.
 
-Headers are parsed and checked once, in `header.py`; tensor bytes are then read with plain file reads, not through a memory map:
-every page of a map that has been touched counts in the process's resident set
-until the map goes, so a scan through maps grew to the size of the whole model
-(see bench/scan_bench.py); reads keep it at one tensor.
+Headers are parsed and checked once, in `header.py`. A whole tensor wanted in its stored dtype
+is mapped (private, populated up front), not read: its values are the page cache's pages
+themselves, so no loader copies them, and the map goes with the tensor. One long-lived map of
+the whole file would instead keep every page touched in the resident set until the end, so a
+scan grew to the size of the model (see bench/scan_bench.py); a map per tensor keeps it at the
+tensors alive (two layers in a stream). Rows, and tensors converted to another dtype, are read
+or converted from such a map piece by piece.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -21,9 +25,6 @@ from swtool.families.config import from_hf
 from swtool.formats.base import STORAGE, Checkpoint, Rows
 from swtool.formats.hf.header import Shards, TensorEntry, read_config, read_shards
 
-READ_BLOCK_BYTES = 16 * 1024 * 1024
-
-
 class SafetensorsCheckpoint(Checkpoint):
     format = "safetensors"
 
@@ -36,7 +37,6 @@ class SafetensorsCheckpoint(Checkpoint):
         self.files = sorted({e.file for e in self._entries.values()})
         self._handles: dict[Path, BinaryIO] = {}
         self._opening = threading.Lock()
-        self._local = threading.local()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name].shape
@@ -53,45 +53,49 @@ class SafetensorsCheckpoint(Checkpoint):
                 self._handles[file] = file.open("rb", buffering=0)
             return self._handles[file]
 
-    @property
-    def _staging(self) -> np.ndarray:
-        """One staging block per thread, reused for every tensor that thread reads."""
-        if not hasattr(self._local, "staging"):
-            self._local.staging = np.empty(READ_BLOCK_BYTES, np.uint8)
-        return self._local.staging
+    def _mapped(self, entry: TensorEntry) -> np.ndarray:
+        """The tensor's bytes as a private map of its file: copy-on-write, so nothing a caller does
+        reaches the file; populated when made, so its pages are not faulted in one by one later."""
+        if entry.nbytes == 0:
+            return np.empty(0, np.uint8)
+        page_start = entry.start - entry.start % mmap.ALLOCATIONGRANULARITY
+        lead = entry.start - page_start
+        descriptor = self._handle(entry.file).fileno()
+        if os.fstat(descriptor).st_size < entry.start + entry.nbytes:  # a map past the end would crash on access (SIGBUS)
+            raise SwtoolError(f"{entry.file}: file ended before tensor data (truncated since it was opened?)")
+        try:
+            view = mmap.mmap(
+                descriptor,
+                lead + entry.nbytes,
+                flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=page_start,
+            )
+        except (OSError, ValueError) as exc:
+            raise SwtoolError(f"{entry.file}: cannot map tensor data ({exc}); truncated since it was opened?") from None
+        return np.frombuffer(view, np.uint8, entry.nbytes, lead)
 
     def _read(self, name: str, rows: Rows) -> torch.Tensor:
         entry = self._entries[name]
         np_dtype, torch_dtype = STORAGE[entry.dtype].numpy, STORAGE[entry.dtype].torch
         if rows is None:
-            array = np.empty(entry.shape, np_dtype)
-            self._read_span(entry.file, entry.start, array)
-        else:
-            index = np.arange(entry.shape[0])[rows]  # validates and normalises any row selection
-            row_bytes = entry.nbytes // max(entry.shape[0], 1)
-            array = np.empty((len(index), *entry.shape[1:]), np_dtype)
-            # One read per run of consecutive rows: a head chunk is one read, scattered embedding rows a few.
-            breaks = np.flatnonzero(np.diff(index) != 1) + 1
-            for first, last in zip([0, *breaks], [*breaks, len(index)]):
-                self._read_span(entry.file, entry.start + int(index[first]) * row_bytes, array[first:last])
+            return torch.from_numpy(self._mapped(entry).view(np_dtype).reshape(entry.shape)).view(torch_dtype)
+        index = np.arange(entry.shape[0])[rows]  # validates and normalises any row selection
+        row_bytes = entry.nbytes // max(entry.shape[0], 1)
+        array = np.empty((len(index), *entry.shape[1:]), np_dtype)
+        # One read per run of consecutive rows: a head chunk is one read, scattered embedding rows a few.
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        for first, last in zip([0, *breaks], [*breaks, len(index)]):
+            self._read_span(entry.file, entry.start + int(index[first]) * row_bytes, array[first:last])
         return torch.from_numpy(array).view(torch_dtype)
 
-    def _read_into(self, name: str, out: torch.Tensor) -> bool:
-        entry = self._entries[name]
-        np_dtype, torch_dtype = STORAGE[entry.dtype].numpy, STORAGE[entry.dtype].torch
-        if out.dtype == torch_dtype:  # stored as wanted: straight into out, one copy
-            self._read_span(entry.file, entry.start, out.view(-1).view(torch.uint8).numpy())
-            return True
-        # Through one private staging block, reused for every tensor: fresh memory costs page faults.
-        flat = out.view(-1)
-        itemsize = np_dtype.itemsize
-        step = max(1, READ_BLOCK_BYTES // itemsize)
-        count = entry.nbytes // itemsize
-        for start in range(0, count, step):
-            block = self._staging[: min(step, count - start) * itemsize].view(np_dtype)
-            self._read_span(entry.file, entry.start + start * itemsize, block)
-            flat[start : start + len(block)].copy_(torch.from_numpy(block).view(torch_dtype))
-        return True
+    def refills(self, name: str, dtype: torch.dtype) -> bool:
+        """Only a conversion refills: a tensor wanted in its stored dtype is mapped, with no copy at all."""
+        return STORAGE[self._entries[name].dtype].torch != dtype
+
+    def _read_into(self, name: str, out: torch.Tensor) -> None:
+        mapped = torch.from_numpy(self._mapped(self._entries[name])).view(STORAGE[self._entries[name].dtype].torch)
+        out.view(-1).copy_(mapped)  # converted straight from the page cache's pages
 
     def _read_span(self, file: Path, offset: int, into: np.ndarray) -> None:
         view = memoryview(into).cast("B")
