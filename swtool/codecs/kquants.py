@@ -36,6 +36,8 @@ TYPES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
 """The K-quant types this module encodes and decodes."""
 WEIGHTED = TYPES | {QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1}
 """Every type whose bytes depend on an importance matrix in llama.cpp."""
+DECODED = WEIGHTED | {QType.Q8_0}
+"""The types `decode` decodes in C (K types and the legacy ones)."""
 
 CHUNK_ELEMENTS = 1 << 18
 """Values per chunk handed to a worker: the searches cost far more than the hand-off."""
@@ -118,8 +120,8 @@ def decode(raw: np.ndarray | bytes | memoryview, qtype: QType, shape: tuple[int,
 
     rows=None: the whole tensor, shaped `shape`. Otherwise a slice (step 1) over the
     rows (all leading axes flattened): only those rows' bytes are decoded, returned
-    as (selected rows, row length). K types use the C kernels where compiled; every
-    other type (and the fallback) is gguf-py's dequantize. Values equal gguf-py's.
+    as (selected rows, row length). K and legacy types (`DECODED`) use the C kernels where
+    compiled; every other type (and the fallback) is gguf-py's dequantize. Values equal gguf-py's.
     """
     shape = tuple(int(s) for s in shape)
     n = shape[-1]
@@ -134,7 +136,7 @@ def decode(raw: np.ndarray | bytes | memoryview, qtype: QType, shape: tuple[int,
     count = max(0, stop - start)
     source = data.reshape(total, width)[start : start + count]
     out = np.empty((count, n), dtype=np.float32)
-    lib = native.kernels() if qtype in TYPES else None
+    lib = native.kernels() if qtype in DECODED else None
     step = max(1, CHUNK_ELEMENTS // n)
 
     def work(first: int) -> None:

@@ -36,7 +36,7 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi" /* vectors passed between static functions only: no ABI to keep */
 
-enum { KQ_Q4_0 = 2, KQ_Q4_1 = 3, KQ_Q5_0 = 6, KQ_Q5_1 = 7, KQ_Q2_K = 10, KQ_Q3_K = 11, KQ_Q4_K = 12, KQ_Q5_K = 13, KQ_Q6_K = 14 };
+enum { KQ_Q4_0 = 2, KQ_Q4_1 = 3, KQ_Q5_0 = 6, KQ_Q5_1 = 7, KQ_Q8_0 = 8, KQ_Q2_K = 10, KQ_Q3_K = 11, KQ_Q4_K = 12, KQ_Q5_K = 13, KQ_Q6_K = 14 };
 
 #define QK 256
 #define TINY 1e-15f /* ggml's GROUP_MAX_EPS: a group whose largest magnitude is below this is all zero */
@@ -795,18 +795,54 @@ static void decode_q6_K(const uint8_t *restrict x, float *restrict y) {
     }
 }
 
-/* Decode `blocks` super-blocks of K `type` into blocks * 256 float32 values: ggml's dequantize_row_qN_K,
- * equal to gguf-py's dequantize (the same float32 products in the same order). Returns 0 or 2. */
+/* The legacy blocks (32 values): value = d * level [+ m], level signed for Q4_0/Q5_0 (offset 8, 16)
+ * and Q8_0; low nibbles give values 0-15, high nibbles 16-31, bit j of qh the fifth bit of value j. */
+static void decode_legacy(int type, const uint8_t *restrict x, float *restrict y) {
+    float d = get_f16(x);
+    if (type == KQ_Q8_0) {
+        for (int i = 0; i < GGML_BLOCK; i++) y[i] = (float)(int8_t)x[2 + i] * d;
+        return;
+    }
+    int affine = type == KQ_Q4_1 || type == KQ_Q5_1, five = type == KQ_Q5_0 || type == KQ_Q5_1;
+    float m = affine ? get_f16(x + 2) : 0.0f;
+    const uint8_t *q = x + 2 + 2 * affine + 4 * five;
+    uint32_t qh = 0;
+    if (five) memcpy(&qh, x + 2 + 2 * affine, 4);
+    int offset = affine ? 0 : (five ? 16 : 8);
+    for (int i = 0; i < GGML_BLOCK; i++) {
+        int level = ((q[i % 16] >> (4 * (i / 16))) & 0xF) | (int)(((qh >> i) & 1) << 4);
+        float v = d * (float)(level - offset);
+        y[i] = affine ? v + m : v;  /* product, then sum: no fused multiply-add (-ffp-contract=off) */
+    }
+}
+
+/* Bytes and values of one block of `type` as decoded here (0 bytes: not a type decoded here). */
+static int block_bytes(int type) {
+    switch (type) {
+        case KQ_Q4_0: return 18;
+        case KQ_Q4_1: return 20;
+        case KQ_Q5_0: return 22;
+        case KQ_Q5_1: return 24;
+        case KQ_Q8_0: return 34;
+        default: return k_block_bytes(type);
+    }
+}
+
+/* Decode `blocks` blocks of `type` (a K type's 256-value super-blocks, or a legacy type's 32-value blocks)
+ * into float32 values: ggml's dequantize_row_*, equal to gguf-py's dequantize (the same float32 products
+ * and sums in the same order). Returns 0 or 2. */
 int kq_decode(int type, const uint8_t *src, int64_t blocks, float *out) {
-    int kbytes = k_block_bytes(type);
-    if (!kbytes) return 2;
-    for (int64_t b = 0; b < blocks; b++, src += kbytes, out += QK) {
+    int bytes = block_bytes(type);
+    if (!bytes) return 2;
+    int values = k_block_bytes(type) ? QK : GGML_BLOCK;
+    for (int64_t b = 0; b < blocks; b++, src += bytes, out += values) {
         switch (type) {
             case KQ_Q2_K: decode_q2_K(src, out); break;
             case KQ_Q3_K: decode_q3_K(src, out); break;
             case KQ_Q4_K: decode_q45_K(src, out, 0); break;
             case KQ_Q5_K: decode_q45_K(src, out, 1); break;
-            default: decode_q6_K(src, out); break;
+            case KQ_Q6_K: decode_q6_K(src, out); break;
+            default: decode_legacy(type, src, out); break;
         }
     }
     return 0;

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as QType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QType
 from gguf.quants import dequantize as gguf_dequantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -93,7 +93,22 @@ def test_decode_equals_gguf_py(engine, qtype):
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
-@pytest.mark.parametrize("qtype", [QType.Q6_K, QType.Q2_K, QType.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", sorted(kquants.DECODED - set(K_TYPES)), ids=lambda q: q.name)
+def test_legacy_decode_equals_gguf_py(engine, qtype):
+    """Bit for bit, over random bytes (every level, every fifth bit) under random finite fp16 scales and minimums."""
+    rng = np.random.default_rng(int(qtype))
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (64, 8 * size), dtype=np.uint8)
+    scales = rng.standard_normal((64, 8, 2)).astype(np.float16).view(np.uint8).reshape(64, 8, 4)
+    blocks = raw.reshape(64, 8, size)
+    blocks[:, :, :4 if size in (20, 24) else 2] = scales[:, :, :4 if size in (20, 24) else 2]
+    expected = gguf_dequantize(raw, qtype)
+    got = kquants.decode(raw, qtype, (64, 8 * block))
+    assert np.array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+@pytest.mark.parametrize("qtype", [QType.Q6_K, QType.Q2_K, QType.Q8_0, QType.Q5_1], ids=lambda q: q.name)
 def test_decode_row_range(engine, qtype):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 4, 512)).astype(np.float32)

@@ -228,7 +228,7 @@ class GGUFCheckpoint(Checkpoint):
         shape = (count, *shape[1:]) if len(shape) > 1 else shape
         if tensor.tensor_type in STORED_FLOATS:
             values = raw.view(STORED_FLOATS[tensor.tensor_type])  # load() converts, once
-        elif tensor.tensor_type in kquants.TYPES:  # swtool's C decoders, on the selected rows' bytes only
+        elif tensor.tensor_type in kquants.DECODED:  # swtool's C decoders, on the selected rows' bytes only
             values = kquants.decode(raw, tensor.tensor_type, shape)
         else:
             try:
