@@ -1,6 +1,6 @@
 """Scanning a Gemma-3-270M-shaped Q4_K_M GGUF (262,144-token SentencePiece vocabulary): swtool old and new against transformers.
 
-    python bench/gguf_vocab_scan.py --baseline /path/to/checkout-of-d20e91e --repeat 2
+    python bench/gguf_vocab_scan.py --baseline /path/to/checkout-of-d20e91e [--baseline OTHER] --repeat 3
 
 1. Builds once (cached under --dir): an HF directory with a random Gemma3ForCausalLM of
    Gemma-3-270M's shape (bf16, tied head, one super weight planted as bench/scan_bench.py plants
@@ -12,14 +12,16 @@
    Armenian: 4.9 MB of English alone runs out of merges at ~83k tokens; Gemma's vocabulary is
    multilingual too). Then `swtool quantize HF -o model-Q4_K_M.gguf --type Q4_K_M`, and a check
    of the file's tokenizer keys against what llama.cpp's Gemma-3 converter writes.
-2. Times the tokenizer build alone, in a child per source tree (the checkpoint opened first, then
-   the clock runs around the tokenizer build, then around encoding the prompt).
+2. Times the tokenizer build alone (CPU seconds: the machine is shared), in a child per source tree:
+   opening the checkpoint, building its tokenizer, `_spm_merges` alone, encoding the prompt.
 3. Times, each in its own child under /usr/bin/time (wall, CPU, peak RSS), the page cache warm,
-   interleaved with the order rotating every round: `swtool scan FILE --json` with the baseline
-   tree and with this one, and transformers loading the same GGUF and running the prompt with
-   down_proj hooks (bench/transformers_scan.py FILE).
-4. Prints medians and ratios, and checks the prompt's token ids: this tree, the baseline,
-   transformers' tokenizer from the GGUF and the HF tokenizer.json it was made from must agree.
+   interleaved with the order rotating every round: `swtool scan FILE --json` with each baseline
+   tree and with this one, this one again with `--min-effect 0` (the planted candidate then goes
+   through the perplexity verification, as a real super weight would), and transformers loading
+   the same GGUF and running the prompt with down_proj hooks (bench/transformers_scan.py FILE).
+4. Prints medians and ratios, and checks the prompt's token ids: every tree,
+   transformers' tokenizer from the GGUF and the HF tokenizer.json it was made from must agree
+   (and the two trees' ids of a longer multi-script sample with the tokenizer.json's).
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ PLANTED = (1, 100, 1234)
 """(layer, row, col) of the planted super weight: every token carries CARRIER_VALUE in embedding channel
 CARRIER, gate/up rows `col` read it (TRIGGER), and W_down[row, col] = SUPER_VALUE, so down_proj's input
 channel `col` is massive (~500 after Gemma's sqrt(hidden) embedding scale and the pre-MLP norm) on every
-token. A random model's perplexity does not depend on it; it is there so that the scan pays for its
-perplexity verification (a 262k-row head over the verification window), as on a real model."""
+token, so the scan finds a candidate. Zeroing it moves a random model's predictions too little to pass
+the screen; `--min-effect 0` sends it to the perplexity verification anyway (a 262k-row head over the
+verification window), the work a scan of a real model with a super weight does."""
 CARRIER, CARRIER_VALUE, TRIGGER, SUPER_VALUE = 7, 1.0, 1.0, 8.0
 
 # -- Gemma-3's vocabulary layout ------------------------------------------------
@@ -231,22 +234,34 @@ try:  # this tree
 except ImportError:  # d20e91e's layout
     from swtool.checkpoint import open_checkpoint
     from swtool.tokenizer import _spm_merges, load_tokenizer
-start = time.perf_counter()
+clock = time.process_time
+start = clock()
 checkpoint = open_checkpoint(Path(sys.argv[1]))
-opened = time.perf_counter()
+opened = clock()
 tokenizer = load_tokenizer(checkpoint)
-built = time.perf_counter()
+built = clock()
 ids = tokenizer.encode(sys.argv[2]).ids
-encoded = time.perf_counter()
+encoded = clock()
+sample = tokenizer.encode(sys.argv[3]).ids
 meta = checkpoint.meta
+merging = clock()
 _spm_merges(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"])
 print(json.dumps({"swtool": swtool.__file__, "open_s": opened - start, "tokenizer_s": built - opened,
-                  "encode_s": encoded - built, "merges_s": time.perf_counter() - encoded, "ids": ids}))
+                  "encode_s": encoded - built, "merges_s": clock() - merging, "ids": ids, "sample": sample}))
 """
 
 
+def sample_text() -> str:
+    """Text beyond the prompt: Wikipedia in two scripts, rare characters (byte fallback), added tokens."""
+    from fetch import wiki_text
+
+    text = wiki_text()[300_000:302_000]
+    lower, upper = SCRIPTS["cyrillic"]
+    return text + text[:1000].translate(str.maketrans(LATIN + LATIN.upper(), lower + upper)) + " naïve 東京 \U0001F600\n\n  <table><td>x</td>"
+
+
 def tokenizer_child(tree: Path, gguf_path: Path) -> dict:
-    out = subprocess.run(["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-c", TOKENIZER_CHILD, str(gguf_path), PROMPT], capture_output=True, text=True)
+    out = subprocess.run(["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-c", TOKENIZER_CHILD, str(gguf_path), PROMPT, sample_text()], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"tokenizer child ({tree}) failed:\n{out.stderr[-3000:]}")
     doc = json.loads(out.stdout)
@@ -258,14 +273,21 @@ def tokenizer_child(tree: Path, gguf_path: Path) -> dict:
 # -- the benchmark ------------------------------------------------------------------
 
 
+def tree_label(tree: Path) -> str:
+    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    return f"{commit or tree.name}{'+changes' if dirty else ''}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/swtool-bench/gemma3-270m"))
-    parser.add_argument("--baseline", type=Path, required=True, help="a source tree of the old code (e.g. a checkout of d20e91e)")
+    parser.add_argument("--baseline", type=Path, action="append", required=True, help="a source tree of older code (e.g. a checkout of d20e91e); repeatable")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    tree, base = ROOT, args.baseline.resolve()
+    trees = {f"old {tree_label(b.resolve())}": b.resolve() for b in args.baseline} | {f"new {tree_label(ROOT)}": ROOT}
+    new = list(trees)[-1]
     hf, where = args.dir / "hf", args.dir / "gguf"
     gguf_path = where / "model-Q4_K_M.gguf"
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -275,63 +297,72 @@ def main() -> None:
     if not gguf_path.is_file() or gguf_path.stat().st_mtime < (hf / "bench.json").stat().st_mtime:
         where.mkdir(exist_ok=True)
         start = time.perf_counter()
-        subprocess.run(swtool_argv(tree, "quantize", hf, "-o", gguf_path, "--type", "Q4_K_M", "--no-keep-super", "--force", "-q"), check=True)
+        subprocess.run(swtool_argv(ROOT, "quantize", hf, "-o", gguf_path, "--type", "Q4_K_M", "--no-keep-super", "--force", "-q"), check=True)
         print(f"  swtool quantize -> {gguf_path.name} ({gguf_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
     problems = check_metadata(gguf_path)
     print("  tokenizer keys as llama.cpp's Gemma-3 converter writes them" if not problems else "  tokenizer keys differ: " + "; ".join(problems), flush=True)
 
     from tokenizers import Tokenizer
 
-    reference = Tokenizer.from_file(str(hf / "tokenizer.json")).encode(PROMPT).ids
+    hf_tokenizer = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    reference, sample_reference = hf_tokenizer.encode(PROMPT).ids, hf_tokenizer.encode(sample_text()).ids
     print(f"  prompt {PROMPT!r}: HF tokenizer.json ids {reference}", flush=True)
 
-    print("\n## tokenizer build alone (checkpoint opened first; per child)", flush=True)
-    builds: dict[str, list[dict]] = {"old": [], "new": []}
+    print("\n## tokenizer build alone (CPU seconds in a child per tree)", flush=True)
+    builds: dict[str, list[dict]] = {label: [] for label in trees}
     for round_ in range(args.repeat):
-        for label, source in [("old", base), ("new", tree)][:: 1 if round_ % 2 == 0 else -1]:
+        for label, source in list(trees.items())[:: 1 if round_ % 2 == 0 else -1]:
             doc = tokenizer_child(source, gguf_path)
             builds[label].append(doc)
             print(f"  {label}: open {doc['open_s']:.2f} s, tokenizer {doc['tokenizer_s']:.2f} s (of which merges {doc['merges_s']:.2f} s), encode {doc['encode_s'] * 1e3:.1f} ms", flush=True)
 
     print("\n## whole processes, page cache warm, /usr/bin/time", flush=True)
     subprocess.run(["cat", str(gguf_path)], stdout=subprocess.DEVNULL, check=True)
-    plan = [
-        ("swtool scan (old)", swtool_argv(base, "scan", gguf_path, "--json")),
-        ("swtool scan (new)", swtool_argv(tree, "scan", gguf_path, "--json")),
-        ("transformers GGUF", [sys.executable, str(HERE / "transformers_scan.py"), str(gguf_path)]),
-    ]
+    plan = [(f"scan {label}", swtool_argv(source, "scan", gguf_path, "--json")) for label, source in trees.items()]
+    plan.append((f"scan {new} --min-effect 0", swtool_argv(ROOT, "scan", gguf_path, "--json", "--min-effect", "0")))
+    plan.append((TRANSFORMERS, [sys.executable, str(HERE / "transformers_scan.py"), str(gguf_path)]))
     runs: list[Run] = []
     for round_ in range(args.repeat):
         shift = round_ % len(plan)
         for tool, argv in plan[shift:] + plan[:shift]:
             runs.append(measure(tool, argv, where, "warm"))
-    report(runs, builds, reference, [tool for tool, _ in plan])
+    report(runs, builds, reference, sample_reference, [tool for tool, _ in plan], new)
     if args.json_out:
         args.json_out.write_text(json.dumps({"runs": [asdict(r) | {"output": None} for r in runs], "builds": builds}, indent=2) + "\n")
 
 
-def report(runs: list[Run], builds: dict[str, list[dict]], reference: list[int], order: list[str]) -> None:
+TRANSFORMERS = "transformers GGUF load + hooked forward"
+
+
+def report(runs: list[Run], builds: dict[str, list[dict]], reference: list[int], sample_reference: list[int], order: list[str], new: str) -> None:
     by = {r.tool: r for r in medians(runs)}
     print("\n| run | median wall s | median CPU s | median peak RSS MB | load | wall s of each run | exit |")
     print("|---|---:|---:|---:|---:|---|---:|")
     for tool in order:
         r = by[tool]
         print(f"| {tool} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.peak_rss_mb:.0f} | {r.load_before:.1f} | {' '.join(f'{w:.1f}' for w in r.walls or [])} | {r.status} |")
-    old, new, ref = by["swtool scan (old)"], by["swtool scan (new)"], by["transformers GGUF"]
-    print(f"\nnew scan / transformers: wall {new.wall_s / ref.wall_s:.2f}x (target <= 0.2), CPU {new.cpu_s / ref.cpu_s:.2f}x, peak RSS {new.peak_rss_mb / ref.peak_rss_mb:.2f}x")
-    print(f"old scan / transformers: wall {old.wall_s / ref.wall_s:.2f}x, CPU {old.cpu_s / ref.cpu_s:.2f}x, peak RSS {old.peak_rss_mb / ref.peak_rss_mb:.2f}x")
-    print(f"new scan / old scan: wall {new.wall_s / old.wall_s:.2f}x, CPU {new.cpu_s / old.cpu_s:.2f}x, peak RSS {new.peak_rss_mb / old.peak_rss_mb:.2f}x")
+    ref, ours = by[TRANSFORMERS], by[f"scan {new}"]
+    print()
+    for tool in order[:-1]:
+        r = by[tool]
+        print(f"{tool} / transformers: wall {r.wall_s / ref.wall_s:.2f}x (target <= 0.2), CPU {r.cpu_s / ref.cpu_s:.2f}x, peak RSS {r.peak_rss_mb / ref.peak_rss_mb:.2f}x")
+    for label in builds:
+        if label != new:
+            r = by[f"scan {label}"]
+            print(f"scan {new} / scan {label}: wall {ours.wall_s / r.wall_s:.2f}x, CPU {ours.cpu_s / r.cpu_s:.2f}x, peak RSS {ours.peak_rss_mb / r.peak_rss_mb:.2f}x")
     med = {k: {f: statistics.median(d[f] for d in v) for f in ("open_s", "tokenizer_s", "merges_s")} for k, v in builds.items()}
-    print(f"tokenizer build: old {med['old']['tokenizer_s']:.2f} s, new {med['new']['tokenizer_s']:.2f} s "
-          f"({med['old']['tokenizer_s'] / med['new']['tokenizer_s']:.1f}x faster); merges alone old {med['old']['merges_s']:.2f} s, new {med['new']['merges_s']:.2f} s; "
-          f"opening the file old {med['old']['open_s']:.2f} s, new {med['new']['open_s']:.2f} s")
+    print("tokenizer build, median CPU s: " + "; ".join(
+        f"{label} {m['tokenizer_s']:.2f} (merges alone {m['merges_s']:.2f}, opening the file {m['open_s']:.2f})" for label, m in med.items()))
 
-    ids = {"HF tokenizer.json": reference, "swtool new": builds["new"][0]["ids"], "swtool old": builds["old"][0]["ids"]}
+    ids = {"HF tokenizer.json": reference} | {f"swtool {label}": docs[0]["ids"] for label, docs in builds.items()}
     if ref.status == 0:
         ids["transformers GGUF"] = json.loads(ref.output)["ids"]
     same = all(v == reference for v in ids.values())
     print(f"prompt ids {'IDENTICAL' if same else 'DIFFER'}: " + "; ".join(f"{k} {v}" for k, v in ids.items()))
-    for tool in ("swtool scan (old)", "swtool scan (new)"):
+    agree = all(doc["sample"] == sample_reference for docs in builds.values() for doc in docs)
+    print(f"{len(sample_text())}-character sample ({len(sample_reference)} tokens by the HF tokenizer.json): every tree's swtool "
+          f"{'IDENTICAL to it' if agree else 'DIFFERS from it'}")
+    for tool in order[:-1]:
         r = by[tool]
         if r.status == 0:
             doc = json.loads(r.output)
