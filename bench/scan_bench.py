@@ -200,7 +200,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def weight_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors"))
+    """Safetensors shards, or GGUF files (bench/gguf_vocab_scan.py measures with this module's tools)."""
+    return sorted([*directory.glob("*.safetensors"), *directory.glob("*.gguf")])
 
 
 def evict(directory: Path) -> None:

@@ -61,7 +61,7 @@ def main() -> None:
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits
-    print(json.dumps({"tokens": int(ids.shape[1]), "layers": layers, "logits_finite": bool(torch.isfinite(logits).all())}))
+    print(json.dumps({"tokens": int(ids.shape[1]), "ids": ids[0].tolist(), "layers": layers, "logits_finite": bool(torch.isfinite(logits).all())}))
 
 
 if __name__ == "__main__":

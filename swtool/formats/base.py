@@ -130,7 +130,16 @@ class Checkpoint(ABC):
         """The tokenizer as a `tokenizers` JSON document."""
 
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer, ready to encode (formats that build one skip the JSON round trip)."""
+        """The tokenizer, ready to encode; built once per checkpoint (a scan encodes its prompt and its verification
+        text, and building one takes about a second for a 262k-token vocabulary)."""
+        return self._tokenizer
+
+    @cached_property
+    def _tokenizer(self) -> Tokenizer:
+        return self.build_tokenizer()
+
+    def build_tokenizer(self) -> Tokenizer:
+        """A new tokenizer (formats that build one directly skip the JSON round trip)."""
         return Tokenizer.from_str(self.tokenizer_json())
 
     def has(self, name: str) -> bool:

@@ -98,6 +98,82 @@ def llama_cpp_spm(meta: dict, text: str) -> list[int]:
     return out
 
 
+def string_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """The merges of a `llama` vocabulary by their definition, one Python string at a time: every split of a
+    normal or user-defined token into two tokens, ranked by the joined token's score, then id, then cut."""
+    known = set(tokens)
+    ranked = sorted(
+        (-float(score), i, cut)
+        for i, (text, score, kind) in enumerate(zip(tokens, scores, types))
+        if kind in (gguf.TokenType.NORMAL, gguf.TokenType.USER_DEFINED)
+        for cut in range(1, len(text))
+        if text[:cut] in known and text[cut:] in known
+    )
+    return [(tokens[i][:cut], tokens[i][cut:]) for _, i, cut in ranked]
+
+
+def awkward_vocabulary(wiki_text: str) -> dict:
+    """A trained byte-fallback vocabulary plus what a hashed search of splits could get wrong: characters outside
+    the BMP, NUL characters (a zero code), a duplicated token, splittable control and byte-like tokens (never split),
+    user-defined ones (split), tied scores and both signed zeros."""
+    from tokenizers import Tokenizer, models, trainers
+
+    trainee = Tokenizer(models.BPE())
+    trainee.train_from_iterator([wiki_text[:60_000]], trainers.BpeTrainer(vocab_size=1500, show_progress=False))
+    trained = sorted(trainee.get_vocab(), key=trainee.get_vocab().get)
+    extra = ["\U0001F600", "\U0001F600\U0001F600", "a\U0001F600", "\x00", "a\x00", "\x00a", "\x00\x00", "the\x00", "the", "ab", "<0x41>", "<", ">", "0x41>", "th\U0001F600"]
+    kinds = {"ab": gguf.TokenType.CONTROL, "<0x41>": gguf.TokenType.BYTE, "th\U0001F600": gguf.TokenType.USER_DEFINED}
+    tokens = ["<unk>", "<s>", "</s>"] + trained + extra
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [int(kinds.get(t, gguf.TokenType.NORMAL)) for t in trained + extra]
+    scores = [0.0, 0.0, 0.0] + [-float(i // 3) for i in range(len(trained))] + [0.0, -0.0, -5.0, -0.0, 0.0, -7.0, -7.0, -4.0, -1.0, 0.0, 0.0, 0.0, 0.0, -3.0, -2.0]
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": [int(t) for t in types], "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1}
+
+
+@pytest.mark.parametrize("chunk", [5, None])
+def test_merges_found_in_bulk_are_the_merges_by_definition(chunk, wiki_text, monkeypatch):
+    """The hashed search of splits gives exactly the string-by-string merges, in the same order (also when the
+    tokens are hashed a few at a time)."""
+    from swtool.formats.gguf import tokenizer
+
+    if chunk:
+        monkeypatch.setattr(tokenizer, "SPLIT_CHUNK", chunk)
+    meta = awkward_vocabulary(wiki_text)
+    args = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]
+    expected = string_merges(*args)
+    assert len(expected) > 1000 and ("a", "\x00") in expected and ("\x00", "a") in expected and ("a", "\U0001F600") in expected and ("the", "\x00") in expected
+    assert ("t", "h\U0001F600") not in expected and not any(left + right in ("ab", "<0x41>") for left, right in expected)
+    assert tokenizer._spm_merges(*args) == expected
+
+
+def test_a_hash_collision_cannot_change_the_tokenizer(wiki_text, monkeypatch):
+    """Were hashes of halves to collide with tokens' (forced here: two bits of hash), the pairs with a half that is no
+    token would be refused by tokenizers and dropped: the same tokenizer as without collisions."""
+    import numpy as np
+
+    from swtool.formats.gguf import tokenizer
+
+    meta = awkward_vocabulary(wiki_text)
+    clean = tokenizer.gguf_tokenizer(meta).to_str()
+    real = tokenizer._substring_hashes
+    monkeypatch.setattr(tokenizer, "_substring_hashes", lambda *args: real(*args) & np.uint64(3))
+    args = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]
+    assert len(tokenizer._spm_merges(*args)) > len(string_merges(*args))  # the collisions did add pairs
+    assert tokenizer.gguf_tokenizer(meta).to_str() == clean
+
+
+def test_a_checkpoint_builds_its_tokenizer_once(wiki_text, tmp_path):
+    """A scan encodes its prompt and its verification text: one build serves both."""
+    build("llama", tmp_path / "hf", **{**GGUF_CASES["llama"], "vocab_size": 1024})
+    write_sentencepiece_tokenizer(tmp_path / "hf", wiki_text[:100_000], 1000, "none")
+    out = tmp_path / "m.gguf"
+    assert invoke("quantize", tmp_path / "hf", "-o", out, "--format", "gguf", "--type", "F32", "--no-keep-super", "-q").exit_code == 0
+    for path in (out, tmp_path / "hf"):
+        checkpoint = open_checkpoint(path)
+        assert checkpoint.tokenizer() is checkpoint.tokenizer()
+        assert checkpoint.build_tokenizer() is not checkpoint.tokenizer()
+
+
 SENTENCEPIECE_CASES = [("llama", "prepend"), ("gemma", "none"), ("mixtral", "metaspace")]
 
 

@@ -297,7 +297,7 @@ class GGUFCheckpoint(Checkpoint):
         if "_descriptor" in self.__dict__:
             os.close(self.__dict__.pop("_descriptor"))
 
-    def tokenizer(self) -> Tokenizer:
+    def build_tokenizer(self) -> Tokenizer:
         return gguf_tokenizer(self.meta)
 
     def tokenizer_json(self) -> str:
