@@ -104,6 +104,7 @@ class LayerStream(WeightStream):
         self.rope_freqs = checkpoint.load("rope_freqs.weight") if checkpoint.has("rope_freqs.weight") else None
         self.inv_freq, self.attention_factor = inverse_frequencies(self.config, self.rope_freqs)
         self.local_inv_freq = None
+        self._rope_tables: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         if self.config.local_rope_theta is not None and self.config.sliding_window:
             self.local_inv_freq, _ = inverse_frequencies(self.config, theta=self.config.local_rope_theta)
 
@@ -124,8 +125,16 @@ class LayerStream(WeightStream):
         return bool(c.sliding_window) and (not c.sliding_layers or c.sliding_layers[layer])
 
     def rope(self, length: int, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (T, rotary_dim) for `layer` (sliding-window layers may use their own base)."""
+        """cos and sin (T, rotary_dim) for `layer` (sliding-window layers may use their own base).
+
+        Kept per (length, base): every layer of a pass asks for the same tables, and their
+        sines and cosines cost as much as a layer's attention over a short window."""
         local = layer is not None and self.local_inv_freq is not None and self.is_sliding(layer)
+        if (length, local) not in self._rope_tables:
+            self._rope_tables[(length, local)] = self._rope_table(length, local)
+        return self._rope_tables[(length, local)]
+
+    def _rope_table(self, length: int, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if local:
             inv, factor = self.local_inv_freq, 1.0
         elif (self.config.rope_scaling or {}).get("rope_type") == "longrope":
