@@ -40,7 +40,7 @@ from swtool.formats.open import open_checkpoint
 from swtool.model.forward import InputHook, LayerStream, MlpHook
 from swtool.model.nll import token_nll
 from swtool.model.windows import WeightsHook, hidden_buffer, stream_windows
-from swtool.model.tokenizer import load_tokenizer
+from swtool.model.tokenizer import load_tokenizer, text_ids
 from swtool.readahead import ReadAhead
 from swtool.supers import find_super_weights
 
@@ -250,7 +250,7 @@ def evaluate(
 ) -> EvalResult:
     """Perplexity of `checkpoint` on a UTF-8 text file; SmoothQuant calibrates on windows after the evaluated ones."""
     options = options or Options()
-    ids = load_tokenizer(checkpoint).encode(read_utf8(text_path)).ids
+    ids = text_ids(load_tokenizer(checkpoint), read_utf8(text_path))
     ctx = min(ctx, checkpoint.config.max_position_embeddings)
     every = cut_windows(ids, ctx)
     if max_windows is not None and max_windows < 1:

@@ -47,7 +47,13 @@ def stream_windows(
     mlp_hook: MlpHook | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Fill `hidden` with the last layer's output for every window, one layer (all batches) at a time."""
+    """Fill `hidden` with the last layer's output for every window, one layer (all batches) at a time.
+
+    Without a weights hook, matrices stored in 16 bits stay so (`WeightStream.keep_16bit_matrices`);
+    a hook edits or quantizes float32 weights, so they load in float32 as it expects.
+    """
+    if weights_hook is None:
+        stream.keep_16bit_matrices()
     for part in batches(len(windows), batch):
         hidden[part] = stream.embed(windows[part]).float().cpu()
     total = stream.config.num_layers
