@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=0, help="use only the first N characters of the text (0: all of it)")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="swtool's --batch (windows per pass through a layer); transformers runs all windows at once")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-reference", action="store_true", help="measure the swtool trees only")
     parser.add_argument("--baseline", type=Path, help="another swtool source tree to measure too (PYTHONPATH), e.g. the code before a change")
     args = parser.parse_args()
 
@@ -65,12 +67,13 @@ def main() -> None:
         text = Path(tmp) / "wiki.txt"
         text.write_text(wiki_text(args.chars or None), encoding="utf-8")
         window = ["--ctx", str(args.ctx), "--max-windows", str(args.max_windows)]
-        eval_argv = [sys.executable, "-c", "from swtool.cli import main; main()", "eval", str(args.model), "--text", str(text), *window, "--json"]
+        eval_argv = [sys.executable, "-c", "from swtool.cli import main; main()", "eval", str(args.model), "--text", str(text), *window, "--batch", str(args.batch), "--json"]
         tools: dict[str, tuple[list[str], dict[str, str]]] = {}
         if args.baseline:
             tools["swtool eval (baseline)"] = (eval_argv, {**os.environ, "PYTHONPATH": str(args.baseline.resolve())})
         tools["swtool eval (this tree)"] = (eval_argv, {**os.environ, "PYTHONPATH": str(HERE.parent)})
-        tools["transformers bf16"] = ([sys.executable, str(HERE / "transformers_perplexity.py"), str(args.model), str(text), *window, "--dtype", "bf16"], dict(os.environ))
+        if not args.no_reference:
+            tools["transformers bf16"] = ([sys.executable, str(HERE / "transformers_perplexity.py"), str(args.model), str(text), *window, "--dtype", "bf16"], dict(os.environ))
         print(f"{args.model}, {len(text.read_text(encoding='utf-8')):,} characters of text, {args.max_windows} windows x {args.ctx} tokens; load {os.getloadavg()[0]:.1f}")
         runs: dict[str, list[Run]] = {name: [] for name in tools}
         for index in range(args.repeat):
@@ -79,7 +82,7 @@ def main() -> None:
                 runs[name].append(run)
                 print(f"  round {index + 1} {name:<24} {run.wall_s:6.1f} s wall {run.cpu_s:6.1f} s CPU {run.peak_rss_mb:7.0f} MB  nll {run.result['nll']!r}", flush=True)
 
-    reference = statistics.median(r.peak_rss_mb for r in runs["transformers bf16"])
+    reference = statistics.median(r.peak_rss_mb for r in runs["transformers bf16"]) if "transformers bf16" in runs else float("nan")
     print("\n| tool | wall s | CPU s | peak RSS MB | x transformers' peak | nll | ppl |\n|---|---|---|---|---|---|---|")
     for name, group in runs.items():
         rss = statistics.median(r.peak_rss_mb for r in group)
