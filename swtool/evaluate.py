@@ -3,11 +3,12 @@
 GPTQ-style: the whole text is tokenized and cut into non-overlapping windows
 of `ctx` tokens; the result is the mean next-token loss over every predicted
 token of every window. Streaming inverts the usual loop: all windows go
-through layer i (in batches) before layer i+1 is loaded, so memory holds one
-layer plus the hidden states of all windows (fp32, in memory or, past
-`memory_limit`, in an unlinked temporary file). The LM head is streamed in
-vocabulary chunks with a running log-sum-exp, so the full (windows x ctx x
-vocab) logits never exist.
+through layer i (in batches) before layer i+1 is loaded, so memory holds the
+layer being run and the next one loading (bf16/fp16 matrices stay 16-bit, each
+widened to fp32 for its product in one reused buffer) plus the hidden states of
+all windows (fp32, in memory or, past `memory_limit`, in an unlinked temporary
+file). The LM head is streamed in vocabulary chunks with a running log-sum-exp,
+so the full (windows x ctx x vocab) logits never exist.
 """
 
 from __future__ import annotations

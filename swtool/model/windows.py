@@ -1,8 +1,8 @@
 """Many windows of tokens through a model one layer at a time: the streaming loop `eval` and `imatrix` share.
 
-All windows go through layer i (in batches) before layer i+1 is loaded, so memory holds one layer
-plus the hidden states of all windows (fp32, in memory or, past a bound, in an unlinked temporary
-file). Moved out of `swtool.evaluate` so that analysis code (`swtool.input_sums`) can use it
+All windows go through layer i (in batches) before layer i+1 is loaded, so memory holds the layer
+being run and the next one loading (16-bit matrices kept 16-bit, see `stream_windows`) plus the
+hidden states of all windows (fp32, in memory or, past a bound, in an unlinked temporary file). Moved out of `swtool.evaluate` so that analysis code (`swtool.input_sums`) can use it
 without importing a command module.
 """
 
