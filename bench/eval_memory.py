@@ -44,7 +44,7 @@ class Run:
 def measure(argv: list[str], env: dict[str, str]) -> Run:
     """argv under /usr/bin/time (forked from a small process, so the child's peak RSS is its own)."""
     with tempfile.NamedTemporaryFile("r") as stats:
-        done = subprocess.run(["/usr/bin/time", "-q", "-f", "%e %U %S %M", "-o", stats.name, *argv], env=env, cwd="/", capture_output=True, text=True)
+        done = subprocess.run(["/usr/bin/time", "-q", "-f", "%e %U %S %M", "-o", stats.name, *argv], env=env, cwd="/", capture_output=True, text=True, check=False)
         if done.returncode:
             sys.exit(f"failed: {' '.join(argv)}\n{done.stderr[-3000:]}")
         wall, user, system, rss_kb = stats.read().split()[-4:]
@@ -82,14 +82,14 @@ def main() -> None:
                 runs[name].append(run)
                 print(f"  round {index + 1} {name:<24} {run.wall_s:6.1f} s wall {run.cpu_s:6.1f} s CPU {run.peak_rss_mb:7.0f} MB  nll {run.result['nll']!r}", flush=True)
 
-    reference = statistics.median(r.peak_rss_mb for r in runs["transformers bf16"]) if "transformers bf16" in runs else float("nan")
+    reference = statistics.median(r.peak_rss_mb for r in runs["transformers bf16"]) if "transformers bf16" in runs else None
     print("\n| tool | wall s | CPU s | peak RSS MB | x transformers' peak | nll | ppl |\n|---|---|---|---|---|---|---|")
     for name, group in runs.items():
         rss = statistics.median(r.peak_rss_mb for r in group)
         result = group[0].result
         print(
             f"| {name} | {statistics.median(r.wall_s for r in group):.1f} | {statistics.median(r.cpu_s for r in group):.1f} | "
-            f"{rss:.0f} | {rss / reference:.2f} | {result['nll']:.6f} | {result['ppl']:.3f} |"
+            f"{rss:.0f} | {f'{rss / reference:.2f}' if reference else '-'} | {result['nll']:.6f} | {result['ppl']:.3f} |"
         )
     print(f"(medians of {args.repeat}; peak RSS of every run: " + "; ".join(f"{name} {[round(r.peak_rss_mb) for r in group]}" for name, group in runs.items()) + ")")
     swtool_nll = {json.dumps(r.result["nll"]) for name, group in runs.items() if name.startswith("swtool") for r in group}

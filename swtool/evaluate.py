@@ -24,7 +24,6 @@ from typing import TextIO
 import torch
 
 from swtool.ablation import EditPlan, edit_tensor
-from swtool.data.text import read_utf8
 from swtool.actquant import (
     SMOOTHED,
     ActivationQuantizer,
@@ -34,14 +33,15 @@ from swtool.actquant import (
     quantize_weights,
     smooth,
 )
+from swtool.data.text import read_utf8
 from swtool.errors import SwtoolError
 from swtool.families import family_of, linear_layers, linear_roles
 from swtool.formats.base import Checkpoint, Held
 from swtool.formats.open import open_checkpoint
 from swtool.model.forward import InputHook, LayerStream, MlpHook
 from swtool.model.nll import token_nll
-from swtool.model.windows import WeightsHook, hidden_buffer, stream_windows
 from swtool.model.tokenizer import load_tokenizer, text_ids
+from swtool.model.windows import WeightsHook, hidden_buffer, stream_windows
 from swtool.readahead import ReadAhead
 from swtool.supers import find_super_weights
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from swtool import native
 from swtool.detect import scan
-from swtool.formats.open import open_checkpoint
 from swtool.evaluate import perplexity
+from swtool.formats.open import open_checkpoint
 from swtool.model.forward import (
     PRODUCT_BAND_ROWS,
     SMALL_BATCH_ROWS,
