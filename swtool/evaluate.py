@@ -3,11 +3,12 @@
 GPTQ-style: the whole text is tokenized and cut into non-overlapping windows
 of `ctx` tokens; the result is the mean next-token loss over every predicted
 token of every window. Streaming inverts the usual loop: all windows go
-through layer i (in batches) before layer i+1 is loaded, so memory holds one
-layer plus the hidden states of all windows (fp32, in memory or, past
-`memory_limit`, in an unlinked temporary file). The LM head is streamed in
-vocabulary chunks with a running log-sum-exp, so the full (windows x ctx x
-vocab) logits never exist.
+through layer i (in batches) before layer i+1 is loaded, so memory holds the
+layer being run and the next one loading (bf16/fp16 matrices stay 16-bit, each
+widened to fp32 for its product in one reused buffer) plus the hidden states of
+all windows (fp32, in memory or, past `memory_limit`, in an unlinked temporary
+file). The LM head is streamed in vocabulary chunks with a running log-sum-exp,
+so the full (windows x ctx x vocab) logits never exist.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import TextIO
 import torch
 
 from swtool.ablation import EditPlan, edit_tensor
-from swtool.data.text import read_utf8
 from swtool.actquant import (
     SMOOTHED,
     ActivationQuantizer,
@@ -33,14 +33,15 @@ from swtool.actquant import (
     quantize_weights,
     smooth,
 )
+from swtool.data.text import read_utf8
 from swtool.errors import SwtoolError
 from swtool.families import family_of, linear_layers, linear_roles
 from swtool.formats.base import Checkpoint, Held
 from swtool.formats.open import open_checkpoint
 from swtool.model.forward import InputHook, LayerStream, MlpHook
 from swtool.model.nll import token_nll
+from swtool.model.tokenizer import load_tokenizer, text_ids
 from swtool.model.windows import WeightsHook, hidden_buffer, stream_windows
-from swtool.model.tokenizer import load_tokenizer
 from swtool.readahead import ReadAhead
 from swtool.supers import find_super_weights
 
@@ -250,9 +251,10 @@ def evaluate(
 ) -> EvalResult:
     """Perplexity of `checkpoint` on a UTF-8 text file; SmoothQuant calibrates on windows after the evaluated ones."""
     options = options or Options()
-    ids = load_tokenizer(checkpoint).encode(read_utf8(text_path)).ids
+    ids = text_ids(load_tokenizer(checkpoint), read_utf8(text_path))
     ctx = min(ctx, checkpoint.config.max_position_embeddings)
-    every = cut_windows(ids, ctx)
+    tokens, every = len(ids), cut_windows(ids, ctx)
+    del ids  # a Python list, about 36 bytes a token: not kept through the layers
     if max_windows is not None and max_windows < 1:
         raise SwtoolError("--max-windows must be at least 1")
     used = len(every) if max_windows is None else min(max_windows, len(every))
@@ -260,7 +262,7 @@ def evaluate(
     calibration = (rest if len(rest) else every)[: options.calibration_windows]
     nll = perplexity(checkpoint, every[:used], options, calibration=calibration, **run)
     settings = {**options.describe(), "calibration_overlaps_eval": options.smoothquant is not None and not len(rest)}
-    return EvalResult(str(checkpoint.path), str(text_path), len(ids), used, ctx, nll, settings)
+    return EvalResult(str(checkpoint.path), str(text_path), tokens, used, ctx, nll, settings)
 
 
 def evaluate_model(

@@ -31,7 +31,7 @@ from swtool.data.text import builtin_text_path, read_utf8
 from swtool.errors import SwtoolError
 from swtool.formats.atomic import atomic_output, check_target
 from swtool.formats.open import open_checkpoint
-from swtool.model.tokenizer import load_tokenizer
+from swtool.model.tokenizer import load_tokenizer, text_ids
 from swtool.provenance import provenance
 from swtool.readahead import ReadAhead
 from swtool.formats.base import Checkpoint
@@ -86,7 +86,7 @@ def tokenize(checkpoint: Checkpoint, text: str) -> tuple[list[int], int | None]:
     tokenizer.encode_special_tokens = True  # "<|im_start|>" in the text is text, as without --parse-special
     probe, bare = tokenizer.encode("a").ids, tokenizer.encode("a", add_special_tokens=False).ids
     prefix = probe[: len(probe) - len(bare)] if probe[len(probe) - len(bare) :] == bare else []
-    ids = prefix + tokenizer.encode(text, add_special_tokens=False).ids
+    ids = prefix + text_ids(tokenizer, text, add_special_tokens=False)
     return ids, prefix[0] if len(prefix) == 1 else None
 
 

@@ -46,19 +46,42 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+class WideBuffer:
+    """Where a 16-bit matrix is widened to the compute dtype for one product: one buffer, reused.
+
+    Why: a layer kept in its 16-bit storage type takes half the memory of a float32 one, but
+    torch multiplies many rows fastest in float32. Widening each matrix into fresh memory would
+    fault in a matrix's worth of new pages for every product and leave the allocator's heap
+    fragmented (memory the process keeps); widening into the same buffer every time costs one
+    copy. The view `widen` returns is valid until its next call.
+    """
+
+    def __init__(self) -> None:
+        self._flat: torch.Tensor | None = None
+
+    def widen(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        count = weight.numel()
+        if self._flat is None or self._flat.numel() < count or self._flat.dtype != dtype or self._flat.device != weight.device:
+            self._flat = None  # the old buffer goes before the new one is allocated
+            self._flat = torch.empty(count, dtype=dtype, device=weight.device)
+        return self._flat[:count].view(weight.shape).copy_(weight)
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, wide: WideBuffer | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), where weight may be kept in 16 bits while x is float32.
 
     A few rows against a 16-bit matrix go to the C kernel, which reads the weights in place
     instead of writing and rereading a float32 copy (this product is bound by memory traffic).
     Inside `workers.parallel_chunks()` bands of the weight's rows go to the worker threads.
+    Otherwise the matrix is widened to x's dtype first, into `wide` where given (the values,
+    hence the product, are the same either way: widening 16-bit floats is exact).
     """
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     lib = native.product_kernels()
     if lib is None or rows > SMALL_BATCH_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or not weight.is_contiguous():
-        return F.linear(x, weight.to(x.dtype), bias)
+        return F.linear(x, wide.widen(weight, x.dtype) if wide is not None else weight.to(x.dtype), bias)
     flat = x.reshape(rows, x.shape[-1]).contiguous()
     out_features, in_features = weight.shape
     y = torch.empty(rows, out_features)
@@ -100,6 +123,7 @@ class LayerStream(WeightStream):
     ):
         super().__init__(checkpoint, dtype, device)
         self.input_hook = input_hook
+        self.wide = WideBuffer()
         self.activation = ACTIVATIONS[self.family.activation]
         self.rope_freqs = checkpoint.load("rope_freqs.weight") if checkpoint.has("rope_freqs.weight") else None
         self.inv_freq, self.attention_factor = inverse_frequencies(self.config, self.rope_freqs)
@@ -161,7 +185,7 @@ class LayerStream(WeightStream):
         """Every projection goes through here, so one hook can see (and fake-quantize) every linear input."""
         if self.input_hook is not None:
             x = self.input_hook(layer, role, x)
-        return product(x, w[role], w.get(role + "_bias"))
+        return product(x, w[role], w.get(role + "_bias"), self.wide)
 
     def attention(self, layer: int, x: torch.Tensor, w: dict[str, torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -200,7 +224,8 @@ class LayerStream(WeightStream):
             gate, up = self.linear(layer, "gate_up", x, w).chunk(2, dim=-1)
         else:
             gate, up = self.linear(layer, "gate", x, w), self.linear(layer, "up", x, w)
-        inner = self.activation(gate) * up
+        inner = self.activation(gate).mul_(up)
+        del gate, up  # two (B,T,I) tensors fewer alive for the down projection, the layer's peak
         out = self.linear(layer, "down", inner, w)
         if hook is not None:
             replaced = hook(layer, inner, out)

@@ -36,11 +36,15 @@ def token_nll(stream: LayerStream, windows: torch.Tensor, hidden: torch.Tensor, 
         start, stop = rows.start, rows.stop
         for part in batches(count, per_batch):
             logits = stream.softcap(torch.nn.functional.linear(hidden[part, :-1].to(stream.device, stream.dtype), head).float())
-            peak = torch.maximum(running_max[part], logits.amax(dim=-1))
-            running_sum[part] = running_sum[part] * torch.exp(running_max[part] - peak) + torch.exp(logits - peak[..., None]).sum(dim=-1)
-            running_max[part] = peak
             target = targets[part]
             inside = (target >= start) & (target < stop)
             picked = logits.gather(-1, (target - start).clamp(0, stop - start - 1)[..., None]).squeeze(-1)
             target_logit[part] = torch.where(inside, picked, target_logit[part])
+            peak = torch.maximum(running_max[part], logits.amax(dim=-1))
+            # exp(logits - peak) in place, and these logits freed before the next ones are computed
+            # (as the chunk of the head before the next loads): the budget is all the logits alive
+            running_sum[part] = running_sum[part] * torch.exp(running_max[part] - peak) + logits.sub_(peak[..., None]).exp_().sum(dim=-1)
+            running_max[part] = peak
+            del logits
+        del head
     return (running_max + running_sum.log() - target_logit).cpu()

@@ -1,8 +1,8 @@
 """Many windows of tokens through a model one layer at a time: the streaming loop `eval` and `imatrix` share.
 
-All windows go through layer i (in batches) before layer i+1 is loaded, so memory holds one layer
-plus the hidden states of all windows (fp32, in memory or, past a bound, in an unlinked temporary
-file). Moved out of `swtool.evaluate` so that analysis code (`swtool.input_sums`) can use it
+All windows go through layer i (in batches) before layer i+1 is loaded, so memory holds the layer
+being run and the next one loading (16-bit matrices kept 16-bit, see `stream_windows`) plus the
+hidden states of all windows (fp32, in memory or, past a bound, in an unlinked temporary file). Moved out of `swtool.evaluate` so that analysis code (`swtool.input_sums`) can use it
 without importing a command module.
 """
 
@@ -47,7 +47,13 @@ def stream_windows(
     mlp_hook: MlpHook | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Fill `hidden` with the last layer's output for every window, one layer (all batches) at a time."""
+    """Fill `hidden` with the last layer's output for every window, one layer (all batches) at a time.
+
+    Without a weights hook, matrices stored in 16 bits stay so (`WeightStream.keep_16bit_matrices`);
+    a hook edits or quantizes float32 weights, so they load in float32 as it expects.
+    """
+    if weights_hook is None:
+        stream.keep_16bit_matrices()
     for part in batches(len(windows), batch):
         hidden[part] = stream.embed(windows[part]).float().cpu()
     total = stream.config.num_layers

@@ -1,8 +1,9 @@
-"""Matrices kept in 16 bits for small batches: the C product and the stream that feeds it.
+"""Matrices kept in 16 bits: the C product for small batches, the widened products of eval's windows, the streams.
 
 The scan multiplies a prompt's few rows by every weight; reading bf16/fp16 weights
 in place (instead of converting each layer to fp32 first) must change nothing but
-the rounding of float32 sums.
+the rounding of float32 sums. Eval and imatrix keep the layers in 16 bits too and
+widen each matrix for its product: that must change nothing at all.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from safetensors.torch import load_file, save_file
 
 from swtool import native
 from swtool.detect import scan
+from swtool.evaluate import perplexity
 from swtool.formats.open import open_checkpoint
 from swtool.model.forward import (
     PRODUCT_BAND_ROWS,
     SMALL_BATCH_ROWS,
     LayerStream,
+    WideBuffer,
     product,
 )
+from swtool.model.windows import stream_windows
 from swtool.workers import parallel_chunks
 from tests.helpers.tiny import build, plant
 
@@ -55,6 +59,18 @@ def test_many_rows_or_no_kernel_take_torchs_product(monkeypatch):
     assert torch.equal(product(x, weight), F.linear(x, weight.float()))
     monkeypatch.setattr(native, "kernels", lambda: None)
     assert torch.equal(product(x[:3], weight), F.linear(x[:3], weight.float()))
+
+
+def test_wide_buffer_gives_float32_products_exactly_in_one_reused_buffer():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, SMALL_BATCH_ROWS, 40, generator=generator)  # 96 rows: torch's product
+    small, large = (torch.randn(shape, generator=generator).to(torch.bfloat16) for shape in ((24, 40), (70, 40)))
+    wide = WideBuffer()
+    assert torch.equal(product(x, small, wide=wide), F.linear(x, small.float()))
+    assert torch.equal(product(x, large, wide=wide), F.linear(x, large.float()))  # grows the buffer
+    grown = wide.widen(large, torch.float32).data_ptr()
+    assert torch.equal(product(x, small, wide=wide), F.linear(x, small.float()))
+    assert wide.widen(small, torch.float32).data_ptr() == grown  # a smaller matrix reuses it
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +145,29 @@ def test_builds_for_other_instruction_sets_give_the_same_products(dropped, monke
             assert float((y.double() - reference(x, weight, None)).abs().max()) <= 1e-6 * float(scale)
     finally:
         native.kernels.cache_clear()  # the next caller builds (or finds) this machine's own library again
+
+
+def test_windows_keep_16_bit_layers_and_get_the_float32_results_exactly(bf16_model):
+    """stream_windows (eval, imatrix) loads bf16 matrices as they are; a weights hook gets float32 ones."""
+    checkpoint = open_checkpoint(bf16_model)
+    windows = torch.randint(0, 256, (4, 50), generator=torch.Generator().manual_seed(2))  # batches of 100 rows
+    seen: dict[str, set[torch.dtype]] = {"kept": set(), "hooked": set()}
+
+    def run(kind: str, hook) -> torch.Tensor:
+        stream = LayerStream(checkpoint)
+        walk = stream.walk
+
+        def watched(*args, **kwargs):
+            for layer, weights in walk(*args, **kwargs):
+                seen[kind].add(weights["down"].dtype)
+                yield layer, weights
+
+        stream.walk = watched
+        hidden = torch.empty(4, 50, checkpoint.config.hidden_size)
+        stream_windows(stream, windows, hidden, 2, hook)
+        return hidden
+
+    kept, hooked = run("kept", None), run("hooked", lambda layer, weights: weights)
+    assert seen == {"kept": {torch.bfloat16}, "hooked": {torch.float32}}
+    assert torch.equal(kept, hooked)
+    assert perplexity(checkpoint, windows, batch=2) == perplexity(checkpoint, windows, batch=2, transform=lambda layer, weights: weights)
