@@ -1,9 +1,8 @@
 """Quantization throughput and peak RSS: swtool's RTN against gguf-py's `gguf.quants.quantize` (Q8_0, Q4_0).
 
-Every measurement runs in its own child process; peak RSS is that child's
-ru_maxrss (os.wait4). Linux keeps ru_maxrss across fork and exec, so the parent
-stays small: it never imports torch, and even preparing the sources (export,
-random checkpoint) runs in children. Throughput is MB (10^6 bytes) of *source* weights (the
+Every measurement runs in its own child process under /usr/bin/time (peak RSS,
+user + system CPU); the parent never imports torch, and even preparing the
+sources (export, random checkpoint) runs in children. Throughput is MB (10^6 bytes) of *source* weights (the
 stored bytes of the tensors being quantized) per second of wall time.
 
 - `core`: the same tensors (those `swtool quantize` selects) are loaded one at a
@@ -13,13 +12,17 @@ stored bytes of the tensors being quantized) per second of wall time.
   (codes packed, scales, zero points), gguf-py: gguf.quants.quantize on the fp32
   numpy array (what its converter does).
 - `cli`: the whole `swtool quantize` command (read, hash inputs, quantize, pack,
-  write), wall time of the process.
+  write), wall time of the process, against the whole gguf-py process (`core` row
+  gguf-py Q4_0: imports, load to float32, quantize) as the reference. With
+  --baseline TREE the command also runs from that source tree (PYTHONPATH), in the
+  same rounds, and its outputs must be byte for byte this tree's (provenance included).
 
 Sources: SmolLM2-135M (fp16 HF export of the fixture GGUF) and a random
 bf16 llama-shaped checkpoint of ~1.1B parameters (TinyLlama's shape), written to
 --work with swtool's ShardedWriter and deleted at the end unless --keep.
 
     python bench/quant_speed.py [--skip-1b] [--work /tmp/swtool-quant-speed]
+    python bench/quant_speed.py --only-1b --cli-only --repeat 3 --baseline /path/to/old/tree --keep
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,18 +46,22 @@ LAST_CPU = 0.0
 TINYLLAMA = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 
 
-def run_child(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB, stdout) of one child process; its user+sys CPU seconds go to LAST_CPU."""
+def run_child(args: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, stdout) of one child process; its user+sys CPU seconds go to LAST_CPU.
+
+    Run under /usr/bin/time, which forks from a small process: a child forked from this one
+    would report this process's resident high-water mark if it were larger (the kernel keeps
+    the maximum across fork and exec)."""
     global LAST_CPU
-    started = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, env={**os.environ, **(env or {})})
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    LAST_CPU = usage.ru_utime + usage.ru_stime
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"child failed ({status}): {' '.join(args)}")
-    return wall, usage.ru_maxrss / 1024, out
+    with tempfile.NamedTemporaryFile("r") as stats:
+        started = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-q", "-f", "%U %S %M", "-o", stats.name, *args], stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, cwd=cwd)
+        wall = time.perf_counter() - started
+        user, system, rss_kb = stats.read().split()[-3:]
+    LAST_CPU = float(user) + float(system)
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed ({proc.returncode}): {' '.join(args)}")
+    return wall, int(rss_kb) / 1024, proc.stdout.decode()
 
 
 def make_random_llama(directory: Path, seed: int = 0) -> None:
@@ -164,7 +173,25 @@ def export_smollm2(directory: Path) -> None:
     export_hf(open_checkpoint(smollm2_gguf()), directory, torch.float16)
 
 
-def bench_source(label: str, source: Path, work: Path) -> list[dict]:
+def cli_row(label: str, engine: str, source: Path, out_dir: Path, setting: str, source_mb: float, env: dict[str, str]) -> dict:
+    """One whole `swtool quantize SOURCE --bits B --block N --no-keep-super` process, its swtool the
+    source tree that env's PYTHONPATH names (the output is kept for comparison)."""
+    bits, block = setting.split("/")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    argv = [sys.executable, "-m", "swtool.cli", "quantize", str(source), "-o", str(out_dir), "--bits", bits, "--block", block, "--no-keep-super", "-q"]
+    wall, rss, _ = run_child(argv, env, cwd="/")  # not a source tree: -m puts the working directory before PYTHONPATH
+    return {"source": label, "mode": "cli", "engine": engine, "setting": setting, "mb_per_s": source_mb / wall, "seconds": wall,
+            "cpu_seconds": LAST_CPU, "source_mb": source_mb, "peak_rss_mb": rss, "load": os.getloadavg()[0]}
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    return names == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and all(
+        subprocess.run(["cmp", "-s", str(a / n), str(b / n)]).returncode == 0 for n in names
+    )
+
+
+def bench_source(label: str, source: Path, work: Path, cli_only: bool = False, baseline: Path | None = None, repeat: int = 1) -> list[dict]:
     py = sys.executable
     me = str(Path(__file__).resolve())
     rows = []
@@ -175,33 +202,49 @@ def bench_source(label: str, source: Path, work: Path) -> list[dict]:
                ("swtool", "ours", "8/32", {}), ("swtool", "ours", "4/32", {}), ("swtool", "ours", "4/512", {}),
                ("swtool 1 thread", "ours", "4/32", {"OMP_NUM_THREADS": "1"}),
                ("swtool torch path", "ours", "4/32", {"SWTOOL_NATIVE": "0"})]
-    for engine, kind, setting, env in configs:
-        wall, rss, out = run_child([py, me, "--child", kind, str(source), setting], env)
-        result = json.loads(out.strip().splitlines()[-1])
-        row = {"source": label, "mode": "core", "engine": engine, "setting": setting, "mb_per_s": result["bytes"] / 1e6 / result["seconds"],
-               "seconds": result["seconds"], "cpu_seconds": result["cpu"], "source_mb": result["bytes"] / 1e6, "peak_rss_mb": rss,
-               "load": os.getloadavg()[0]}
-        rows.append(row)
-        note = f"  [{result['native']}]" if kind == "ours" else ""
-        print(f"{label:>10} core {engine:<18} {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({result['seconds']:.2f} s wall, {result['cpu']:.2f} s CPU "
-              f"for {row['source_mb']:.0f} MB)  peak RSS {rss:.0f} MB  load {row['load']:.1f}{note}", file=sys.stderr)
-    supers = work / "super.json"
-    supers.write_text(json.dumps({"super_weights": [{"tensor": "model.layers.1.mlp.down_proj.weight", "row": 3, "col": 5}]}))
-    source_mb = next(r["source_mb"] for r in rows if r["engine"] == "swtool")
-    for setting in ("4/32", "4/512"):
-        bits, block = setting.split("/")
-        out_dir = work / f"out-{label}-{bits}-{block}"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        wall, rss, _ = run_child([py, "-m", "swtool.cli", "quantize", str(source), "-o", str(out_dir), "--bits", bits, "--block", block, "--super", str(supers), "-q"])
-        shutil.rmtree(out_dir, ignore_errors=True)
-        row = {"source": label, "mode": "cli", "engine": "swtool quantize", "setting": setting, "mb_per_s": source_mb / wall, "seconds": wall,
-               "cpu_seconds": LAST_CPU, "source_mb": source_mb, "peak_rss_mb": rss, "largest_fp32_mb": largest, "interpreter_mb": interp,
-               "load": os.getloadavg()[0]}
-        rows.append(row)
-        verdict = "met" if rss < 2 * largest + interp else "NOT met"
-        print(f"{label:>10} cli  swtool quantize  {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({wall:.1f} s wall, {LAST_CPU:.1f} s CPU)  peak RSS {rss:.0f} MB "
-              f"(target < 2 x {largest:.0f} + {interp:.0f} = {2 * largest + interp:.0f} MB: {verdict})", file=sys.stderr)
+    if cli_only:
+        configs = [c for c in configs if c[:3] == ("gguf-py", "gguf", "Q4_0")]
+    trees = [("swtool quantize", None)] + ([("swtool quantize, baseline", baseline)] if baseline else [])
+    for round_number in range(repeat):
+        for engine, kind, setting, env in configs:
+            wall, rss, out = run_child([py, me, "--child", kind, str(source), setting], env)
+            result = json.loads(out.strip().splitlines()[-1])
+            row = {"source": label, "mode": "core", "engine": engine, "setting": setting, "mb_per_s": result["bytes"] / 1e6 / result["seconds"],
+                   "seconds": result["seconds"], "cpu_seconds": result["cpu"], "source_mb": result["bytes"] / 1e6, "peak_rss_mb": rss,
+                   "load": os.getloadavg()[0], "process_seconds": wall, "process_cpu_seconds": LAST_CPU}
+            rows.append(row)
+            note = f"  [{result['native']}]" if kind == "ours" else ""
+            print(f"{label:>10} core {engine:<18} {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({result['seconds']:.2f} s wall, {result['cpu']:.2f} s CPU "
+                  f"for {row['source_mb']:.0f} MB; whole process {wall:.2f} s wall, {LAST_CPU:.2f} s CPU)  peak RSS {rss:.0f} MB  load {row['load']:.1f}{note}", file=sys.stderr)
+        source_mb = next(r["source_mb"] for r in rows if r["mode"] == "core")
+        for setting in ("4/32",) if cli_only else ("4/32", "4/512"):
+            outputs = {}
+            for engine, tree in trees:
+                outputs[engine] = work / f"out-{label}-{setting.replace('/', '-')}-{'baseline' if tree else 'this'}"
+                row = cli_row(label, engine, source, outputs[engine], setting, source_mb, {"PYTHONPATH": str(tree or ROOT)})
+                row.update(largest_fp32_mb=largest, interpreter_mb=interp)
+                rows.append(row)
+                verdict = "met" if row["peak_rss_mb"] < 2 * largest + interp else "NOT met"
+                print(f"{label:>10} cli  {engine:<26} {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({row['seconds']:.1f} s wall, {row['cpu_seconds']:.1f} s CPU)  "
+                      f"peak RSS {row['peak_rss_mb']:.0f} MB (target < 2 x {largest:.0f} + {interp:.0f} = {2 * largest + interp:.0f} MB: {verdict})", file=sys.stderr)
+            if baseline:
+                same = same_bytes(*outputs.values())
+                print(f"{label:>10} cli  outputs of this tree and the baseline byte-identical: {same}", file=sys.stderr)
+                if not same:
+                    raise SystemExit("the two trees wrote different bytes")
+            for out_dir in outputs.values():
+                shutil.rmtree(out_dir, ignore_errors=True)
     return rows
+
+
+def median_row(rows: list[dict]) -> dict:
+    """The first of rows measuring the same thing, its timings replaced by their medians."""
+    row = dict(rows[0])
+    for key in ("seconds", "cpu_seconds", "peak_rss_mb", "process_seconds", "process_cpu_seconds", "mb_per_s", "load"):
+        if key in row:
+            row[key] = statistics.median(r[key] for r in rows)
+    row["runs"] = len(rows)
+    return row
 
 
 def main() -> None:
@@ -214,6 +257,9 @@ def main() -> None:
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the random 1B checkpoint")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cli-only", action="store_true", help="only the whole-command rows and their gguf-py reference")
+    parser.add_argument("--baseline", type=Path, help="also run the command from this source tree, interleaved, outputs compared")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every measurement (medians reported)")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], Path(args.child[1]), args.child[2])
@@ -233,7 +279,7 @@ def main() -> None:
         if not (smol / "config.json").is_file():
             shutil.rmtree(smol, ignore_errors=True)
             run_child([*me, "--make", "smollm2", str(smol)])
-        rows += bench_source("SmolLM2", smol, args.work)
+        rows += bench_source("SmolLM2", smol, args.work, args.cli_only, args.baseline, args.repeat)
     if not args.skip_1b:
         big = args.work / "random-1b"
         if not (big / "config.json").is_file():
@@ -242,26 +288,41 @@ def main() -> None:
             run_child([*me, "--make", "random-1b", str(big)])
             print(f"wrote the random 1.1B checkpoint in {time.time() - started:.0f} s", file=sys.stderr)
         try:
-            rows += bench_source("random-1.1B", big, args.work)
+            rows += bench_source("random-1.1B", big, args.work, args.cli_only, args.baseline, args.repeat)
         finally:
             if not args.keep:
                 shutil.rmtree(big, ignore_errors=True)
 
-    print("\n| source | mode | engine | setting (bits/block) | MB/s | s (wall) | CPU s | peak RSS MB | load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        cpu = f"{r['cpu_seconds']:.2f}" if "cpu_seconds" in r else ""
-        print(f"| {r['source']} | {r['mode']} | {r['engine']} | {r['setting']} | {r['mb_per_s']:.1f} | {r['seconds']:.2f} | {cpu} | {r['peak_rss_mb']:.0f} | {r['load']:.1f} |")
-    for source in dict.fromkeys(r["source"] for r in rows):
-        core = {(r["engine"], r["setting"]): r for r in rows if r["source"] == source and r["mode"] == "core"}
+        groups.setdefault((r["source"], r["mode"], r["engine"], r["setting"]), []).append(r)
+    medians = [median_row(group) for group in groups.values()]
+    print("\n| source | mode | engine | setting (bits/block) | MB/s | s (wall) | CPU s | whole process s | peak RSS MB | load | runs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in medians:
+        process = f"{r['process_seconds']:.2f}" if "process_seconds" in r else f"{r['seconds']:.2f}"
+        print(f"| {r['source']} | {r['mode']} | {r['engine']} | {r['setting']} | {r['mb_per_s']:.1f} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
+              f"{process} | {r['peak_rss_mb']:.0f} | {r['load']:.1f} | {r['runs']} |")
+    for source in dict.fromkeys(r["source"] for r in medians):
+        core = {(r["engine"], r["setting"]): r for r in medians if r["source"] == source and r["mode"] == "core"}
+        cli = {(r["engine"], r["setting"]): r for r in medians if r["source"] == source and r["mode"] == "cli"}
+        reference = core[("gguf-py", "Q4_0")]
+        print(f"\n{source}, whole swtool quantize process / whole gguf-py Q4_0 process (load + quantize, {reference['process_seconds']:.2f} s):")
+        for (engine, setting), r in cli.items():
+            print(f"  {engine} {setting}: {r['seconds'] / reference['process_seconds']:.2f}x wall, {r['cpu_seconds'] / reference['process_cpu_seconds']:.2f}x CPU")
+        if ("swtool quantize, baseline", "4/32") in cli:
+            new, old = cli[("swtool quantize", "4/32")], cli[("swtool quantize, baseline", "4/32")]
+            print(f"  this tree / baseline: {new['seconds'] / old['seconds']:.2f}x wall, {new['cpu_seconds'] / old['cpu_seconds']:.2f}x CPU")
+        if len(core) < 2:
+            continue
         pairs = [(("swtool", "8/32"), ("gguf-py", "Q8_0")), (("swtool", "4/32"), ("gguf-py", "Q4_0")), (("swtool", "4/512"), ("gguf-py", "Q4_0")),
                  (("swtool 1 thread", "4/32"), ("gguf-py", "Q4_0")), (("swtool torch path", "4/32"), ("gguf-py", "Q4_0"))]
-        print(f"\n{source}, swtool / gguf-py (wall; CPU):")
+        print(f"\n{source}, quantize calls only, swtool / gguf-py (wall; CPU):")
         for ours, theirs in pairs:
             a, b = core[ours], core[theirs]
             print(f"  {ours[0]} {ours[1]} vs {theirs[0]} {theirs[1]}: {b['seconds'] / a['seconds']:.2f}x; {b['cpu_seconds'] / a['cpu_seconds']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps(medians, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ no traceback), 1 for an internal error. Machine output goes to stdout only.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -13,12 +14,15 @@ import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 from typer.core import TyperCommand
 
 from swtool.errors import SwtoolError
+
+if TYPE_CHECKING:
+    from swtool.readahead import ReadAhead
 
 app = typer.Typer(
     add_completion=False,
@@ -157,6 +161,30 @@ def show(document: dict, render: Callable[[], None], as_json: bool, quiet: bool)
         render()
 
 
+def start(model: Path, hashed: bool = False) -> ReadAhead:
+    """Begin a command that computes: the model's bytes read ahead while torch imports (see
+    swtool.readahead), the garbage collector paused meanwhile. The import makes some 300,000
+    objects, none of them garbage, and the collector's passes over them took a fifth of it
+    (1.19 s against 0.93 s); frozen afterwards, they are never traversed again.
+
+    `hashed`: the command records its inputs' sha256 (swtool.provenance), so the weight files are
+    hashed from now on, on the other core while this one imports (swtool.digests)."""
+    from swtool.formats.open import prefetch
+
+    ahead = prefetch(model)
+    if hashed:
+        from swtool.digests import sha256_later
+
+        sha256_later(ahead.files)
+    gc.disable()
+    try:
+        import torch  # noqa: F401
+    finally:
+        gc.enable()
+        gc.freeze()
+    return ahead
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -187,9 +215,7 @@ def scan(
     """Stream a checkpoint layer by layer and report its super activations and super weights."""
 
     def run() -> int:
-        from swtool.formats.open import prefetch
-
-        ahead = prefetch(models[0])  # the disk works while torch imports; stopped once the checkpoint is open
+        ahead = start(models[0])  # the disk works while torch imports; stopped once the checkpoint is open
         from swtool import directory as sw_directory
         from swtool.report import progress_bar, render_scan
         from swtool.scan import check_device, scan_model
@@ -282,9 +308,7 @@ def quantize(
     """Round-to-nearest block quantization, streamed tensor by tensor, with super weights held out."""
 
     def run() -> int:
-        from swtool.formats.open import prefetch
-
-        ahead = prefetch(model)
+        ahead = start(model, hashed=True)
         from swtool.quantize import QuantizeRequest, quantize_model
         from swtool.report import progress_bar, render_quantize
 
@@ -326,9 +350,7 @@ def eval_(
     """Perplexity of MODEL on a text, streamed layer by layer (GPTQ-style non-overlapping windows)."""
 
     def run() -> int:
-        from swtool.formats.open import prefetch
-
-        ahead = prefetch(model)
+        ahead = start(model)
         from swtool.ablation import EditPlan
         from swtool.evaluate import Options, evaluate_model
         from swtool.report import progress_bar, render_eval
@@ -375,9 +397,7 @@ def imatrix(
     """Importance matrix of MODEL on a text (llama-imatrix's GGUF file, for llama-quantize --imatrix), streamed layer by layer."""
 
     def run() -> int:
-        from swtool.formats.open import prefetch
-
-        ahead = prefetch(model)
+        ahead = start(model, hashed=True)
         from swtool.imatrix import imatrix_model
         from swtool.report import progress_bar, render_imatrix
         from swtool.scan import check_device
@@ -406,9 +426,7 @@ def dequantize(
     """Write a quantized checkpoint (swtool's, or a GGUF) back as a standard Hugging Face checkpoint."""
 
     def run() -> int:
-        from swtool.formats.open import prefetch
-
-        ahead = prefetch(quantized)
+        ahead = start(quantized, hashed=True)
         from swtool.dequantize import dequantize_model
 
         dequantize_model(quantized, output, torch_dtype(dtype) if dtype is not None else None, dtype, max_shard_size, force, ahead)
@@ -432,9 +450,7 @@ def edit(
     """Write a copy of MODEL with its super weights zeroed or scaled, or its other outliers pruned, streamed."""
 
     def run() -> int:
-        from swtool.formats.open import prefetch
-
-        ahead = prefetch(model)
+        ahead = start(model, hashed=True)
         from swtool.ablation import EditPlan
         from swtool.edit import edit_model
         from swtool.report import render_edit

@@ -15,7 +15,7 @@ from swtool.formats.hf.writer import parse_size
 from swtool.formats.open import open_checkpoint
 from swtool.formats.rtn import layout
 from swtool.formats.compressed_tensors import schema as ct_schema
-from swtool.provenance import model_inputs, provenance
+from swtool.provenance import Provenance, model_inputs
 from swtool.readahead import ReadAhead
 from swtool.workers import parallel_chunks
 
@@ -67,6 +67,7 @@ def dequantize_model(
         ahead.stop()
     if checkpoint.format != "gguf":
         require_quantized(checkpoint)
-    record = provenance("dequantize", {"dtype": dtype_option, "max_shard_size": max_shard_size}, model_inputs(checkpoint))
-    with atomic_output(output, directory=True, inputs=[quantized], force=force) as temp:
-        dequantize_to(checkpoint, temp, dtype, max_bytes, record)
+    options = {"dtype": dtype_option, "max_shard_size": max_shard_size}
+    with Provenance("dequantize", options, model_inputs(checkpoint)) as record, atomic_output(output, directory=True, inputs=[quantized], force=force) as temp:
+        dequantize_to(checkpoint, temp, dtype, max_bytes, record.fields)
+        record.seal(temp)

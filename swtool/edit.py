@@ -24,15 +24,9 @@ from swtool.formats.gguf.patch import patch_gguf
 from swtool.formats.hf.writer import PlannedTensor, ShardedWriter, parse_size
 from swtool.formats.open import open_checkpoint
 from swtool.formats.pickles import PICKLE_SUFFIXES
-from swtool.provenance import model_inputs
-from swtool.provenance import provenance as record
+from swtool.provenance import Provenance, model_inputs
 from swtool.readahead import ReadAhead
 from swtool.supers import find_super_weights
-
-
-def provenance(checkpoint: Checkpoint, plan: EditPlan) -> dict[str, str]:
-    """String metadata recorded in the output: what made it, how, and from exactly which input."""
-    return record("edit", plan.describe(), model_inputs(checkpoint))
 
 
 WEIGHT_FILES = ("model.safetensors.index.json",)
@@ -50,11 +44,11 @@ def _copy_side_files(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def edit_safetensors(checkpoint: Checkpoint, directory: Path, plan: EditPlan, max_shard_bytes: int) -> None:
+def edit_safetensors(checkpoint: Checkpoint, directory: Path, plan: EditPlan, max_shard_bytes: int, provenance: dict[str, str]) -> None:
     """Stream an HF checkpoint into `directory` (existing, empty), one tensor at a time, edits applied."""
     names = checkpoint.names()
     plan_out = [PlannedTensor(n, checkpoint.stored_dtype(n), checkpoint.shape(n)) for n in names]
-    writer = ShardedWriter(directory, plan_out, {"format": "pt", **provenance(checkpoint, plan)}, max_shard_bytes)
+    writer = ShardedWriter(directory, plan_out, {"format": "pt", **provenance}, max_shard_bytes)
     linear = linear_layers(checkpoint.config)
     for name in names:
         dtype = STORAGE[checkpoint.stored_dtype(name)].torch
@@ -82,7 +76,7 @@ def check_output(checkpoint: Checkpoint, out: Path) -> None:
         )
 
 
-def edit_gguf(checkpoint: Checkpoint, path: Path, plan: EditPlan) -> list[str]:
+def edit_gguf(checkpoint: Checkpoint, path: Path, plan: EditPlan, provenance: dict[str, str]) -> list[str]:
     """Write the edited GGUF file at `path` (see swtool.formats.gguf.patch); returns notes for the user."""
     linear = linear_layers(checkpoint.config)
 
@@ -91,20 +85,24 @@ def edit_gguf(checkpoint: Checkpoint, path: Path, plan: EditPlan) -> list[str]:
         return weight, edit_tensor(plan, name, weight, name in linear)
 
     touched = [name for name in checkpoint.names() if plan.touches(name, linear)]
-    return patch_gguf(checkpoint, path, touched, edit, provenance(checkpoint, plan))
+    return patch_gguf(checkpoint, path, touched, edit, provenance)
 
 
 def edit_checkpoint(checkpoint: Checkpoint, out: Path, plan: EditPlan, *, force: bool = False, max_shard_bytes: int = 5 * 10**9) -> list[str]:
     """Write the edited checkpoint at `out`, in the input's format, atomically; returns notes for the user."""
-    if checkpoint.format == "gguf":
-        with atomic_output(out, directory=False, inputs=[checkpoint.path], force=force) as temp:
-            return edit_gguf(checkpoint, temp, plan)
     if checkpoint.format == ct_schema.METHOD:
         refuse_quantized_edits(checkpoint, plan)
         checkpoint = checkpoint.store  # stored tensors streamed as they are, quantization_config included
-    with atomic_output(out, directory=True, inputs=[checkpoint.path], force=force) as temp:
-        edit_safetensors(checkpoint, temp, plan, max_shard_bytes)
-    return []
+    gguf = checkpoint.format == "gguf"
+    with (
+        Provenance("edit", plan.describe(), model_inputs(checkpoint)) as record,
+        atomic_output(out, directory=not gguf, inputs=[checkpoint.path], force=force) as temp,
+    ):
+        notes = edit_gguf(checkpoint, temp, plan, record.fields) if gguf else []
+        if not gguf:
+            edit_safetensors(checkpoint, temp, plan, max_shard_bytes, record.fields)
+        record.seal(temp)
+    return notes
 
 
 def refuse_quantized_edits(checkpoint: Checkpoint, plan: EditPlan) -> None:

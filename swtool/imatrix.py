@@ -32,7 +32,7 @@ from swtool.errors import SwtoolError
 from swtool.formats.atomic import atomic_output, check_target
 from swtool.formats.open import open_checkpoint
 from swtool.model.tokenizer import load_tokenizer, text_ids
-from swtool.provenance import provenance
+from swtool.provenance import Provenance
 from swtool.readahead import ReadAhead
 from swtool.formats.base import Checkpoint
 from swtool.formats.gguf.imatrix import Entry, Imatrix, write_imatrix
@@ -203,7 +203,7 @@ def imatrix(
     chunks: int | None = None,
     batch: int = 2048,
     force: bool = False,
-    metadata: dict[str, str] | None = None,
+    provenance: Provenance | None = None,
     progress: Callable[[int, int], None] | None = None,
     **run,
 ) -> ImatrixResult:
@@ -215,8 +215,11 @@ def imatrix(
     ids, bos = tokenize(checkpoint, read_text(text_path))
     cut = cut_chunks(ids, ctx, chunks, bos)
     with atomic_output(output, directory=False, inputs=inputs, force=force) as temp:
+        metadata = provenance.fields if provenance is not None else None
         result = compute_imatrix(checkpoint, cut, str(text_path), batch=batch, metadata=metadata, progress=progress, **run)
         write_imatrix(temp, result)
+        if provenance is not None:
+            provenance.seal(temp)
     count = cut.windows.shape[0]
     return ImatrixResult(str(checkpoint.path), str(text_path), str(output), len(result.entries), count, ctx, count * ctx, cut.text_tokens)
 
@@ -248,5 +251,5 @@ def imatrix_model(
     if ahead is not None:
         ahead.stop()
     options = {"ctx": ctx, "chunks": chunks, "batch": batch, "ubatch": ubatch, "dtype": dtype_option, "builtin": builtin}
-    record = provenance("imatrix", options, [model, text])
-    return imatrix(checkpoint, text, output, ctx=ctx, chunks=chunks, batch=batch, ubatch=ubatch, force=force, metadata=record, **run)
+    with Provenance("imatrix", options, [model, text]) as record:
+        return imatrix(checkpoint, text, output, ctx=ctx, chunks=chunks, batch=batch, ubatch=ubatch, force=force, provenance=record, **run)

@@ -35,7 +35,7 @@ from swtool.formats.open import open_checkpoint
 from swtool.formats.rtn import layout
 from swtool.formats.rtn.writer import write_rtn
 from swtool.importance import input_importance
-from swtool.provenance import model_inputs, provenance
+from swtool.provenance import Provenance, model_inputs
 from swtool.readahead import ReadAhead
 from swtool.workers import parallel_chunks
 from swtool.supers import from_scan, read_argument
@@ -319,9 +319,6 @@ def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None
     if r.super_file is not None:
         held, label, digest = read_argument(r.super_file, checkpoint, stdin or sys.stdin)
         digests[label] = digest
-    elif r.keep_super:
-        with bars(f"scan {r.model.name}") as progress:
-            held = from_scan(scan(checkpoint, progress=progress), checkpoint)
     options = {
         "bits": "fp8" if float8 else width, "block": spec.block, "sym": sym, "clip": str(spec.clip), "keep_super": r.keep_super,
         "super": "scan" if r.super_file is None and r.keep_super else r.super_file, "include_embeddings": r.include_embeddings,
@@ -331,18 +328,24 @@ def quantize_model(request: QuantizeRequest, bars: Bars, ahead: ReadAhead | None
         options.update({"type": ggml_type, "super_type": r.super_type.upper()})
         if r.imatrix is not None:
             options["imatrix"] = r.imatrix.name
-    job = QuantizeJob(
-        checkpoint,
-        spec,
-        targets(checkpoint, r.include_embeddings, r.include_head),
-        held,
-        {"swtool.source": str(r.model.resolve()), **provenance("quantize", options, [*model_inputs(checkpoint), *([r.imatrix] if r.imatrix else [])], digests)},
-        max_bytes,
-        gguf_type=ggml_type or "Q4_0",
-        super_type=r.super_type,
-        importance=importance,
-        float8=float8,
-    )
-    with atomic_output(r.output, directory=is_directory, inputs=[r.model], force=r.force) as temp:
-        with bars(f"quantize {r.model.name}") as progress:
-            return writer(job, temp, progress)
+    with Provenance("quantize", options, [*model_inputs(checkpoint), *([r.imatrix] if r.imatrix else [])], digests) as record:
+        if r.super_file is None and r.keep_super:
+            with bars(f"scan {r.model.name}") as progress:
+                held = from_scan(scan(checkpoint, progress=progress), checkpoint)
+        job = QuantizeJob(
+            checkpoint,
+            spec,
+            targets(checkpoint, r.include_embeddings, r.include_head),
+            held,
+            {"swtool.source": str(r.model.resolve()), **record.fields},
+            max_bytes,
+            gguf_type=ggml_type or "Q4_0",
+            super_type=r.super_type,
+            importance=importance,
+            float8=float8,
+        )
+        with atomic_output(r.output, directory=is_directory, inputs=[r.model], force=r.force) as temp:
+            with bars(f"quantize {r.model.name}") as progress:
+                report = writer(job, temp, progress)
+            record.seal(temp)
+        return report

@@ -36,6 +36,8 @@ class ReadAhead:
 
     def __init__(self, spans: list[tuple[Path, int, int]]):
         self._stopped = threading.Event()
+        self.files = list(dict.fromkeys(file for file, _, _ in spans))
+        """The files read ahead, in order."""
         self.thread: threading.Thread | None = None
         if hasattr(os, "posix_fadvise") and spans:
             self.thread = threading.Thread(target=self._run, args=(spans,), name="swtool-readahead", daemon=True)

@@ -128,15 +128,17 @@ def test_super_weight_in_a_permuted_tensor_is_recorded_where_it_is_stored(tiny, 
 
 def test_provenance_is_recorded_and_output_is_deterministic(tiny, tmp_path):
     checkpoint = open_checkpoint(tiny)
-    from swtool.provenance import provenance as record
+    from swtool.provenance import Provenance
 
-    provenance = record("quantize", {"type": "Q8_0"}, [tiny])
-    write(checkpoint, tmp_path / "a.gguf", "Q8_0", provenance=provenance)
-    _, reader = write(checkpoint, tmp_path / "b.gguf", "Q8_0", provenance=provenance)
+    for name in ("a.gguf", "b.gguf"):
+        with Provenance("quantize", {"type": "Q8_0"}, [tiny]) as provenance:
+            write(checkpoint, tmp_path / name, "Q8_0", provenance=provenance.fields)
+            provenance.seal(tmp_path / name)
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
-    meta = fields(reader)
+    meta = fields(gguf.GGUFReader(tmp_path / "b.gguf"))
     assert meta["swtool.version"] == "0.1.0" and json.loads(meta["swtool.options"]) == {"type": "Q8_0"}
-    assert meta["swtool.command"] == "quantize" and f"{tiny.name}/model.safetensors" in json.loads(meta["swtool.inputs"])
+    recorded = json.loads(meta["swtool.inputs"])
+    assert meta["swtool.command"] == "quantize" and recorded[f"{tiny.name}/model.safetensors"] == provenance.digests()[f"{tiny.name}/model.safetensors"]
     assert (tmp_path / "a.gguf").stat().st_mode & 0o044  # an ordinary file, not mkstemp's 0600
 
 

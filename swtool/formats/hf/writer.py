@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 import torch
 
 from swtool.errors import SwtoolError
@@ -109,7 +108,7 @@ class ShardedWriter:
         elif data.dtype == torch.float8_e4m3fn:  # numpy has no float8: write its bytes
             data = data.view(torch.uint8)
         assert self._handle is not None
-        self._handle.write(np.ascontiguousarray(data.numpy()).tobytes(order="C"))
+        self._handle.write(memoryview(data.numpy()).cast("B"))  # the tensor's own bytes: no copy on the way to the file
         self._position += 1
 
     def close(self) -> None:
