@@ -13,7 +13,10 @@ stored bytes of the tensors being quantized) per second of wall time.
   numpy array (what its converter does).
 - `cli`: the whole `swtool quantize` command (read, hash inputs, quantize, pack,
   write), wall time of the process, against the whole gguf-py process (`core` row
-  gguf-py Q4_0: imports, load to float32, quantize) as the reference. With
+  gguf-py Q4_0: imports, load to float32, quantize) as the reference; a first run
+  (the inputs' digests forgotten first, so the model is hashed) and a repeat run
+  (digests remembered by swtool.digests, as when one model is quantized at several
+  settings). With
   --baseline TREE the command also runs from that source tree (PYTHONPATH), in the
   same rounds, and its outputs must be byte for byte this tree's (provenance included).
 
@@ -41,6 +44,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "fixtures"))
+sys.path.insert(0, str(ROOT))
+
+from swtool.digests import cache_file  # noqa: E402  (the standard library only)
 
 LAST_CPU = 0.0
 TINYLLAMA = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
@@ -51,8 +57,11 @@ def run_child(args: list[str], env: dict[str, str] | None = None, cwd: str | Non
 
     Run under /usr/bin/time, which forks from a small process: a child forked from this one
     would report this process's resident high-water mark if it were larger (the kernel keeps
-    the maximum across fork and exec)."""
+    the maximum across fork and exec). Dirty pages are written back first: three 0.85 GB outputs
+    in a row crossed the kernel's write-back threshold, and the next run's writes were throttled
+    (wall time up 0.5-1 s with less CPU)."""
     global LAST_CPU
+    os.sync()  # no earlier output still waiting to be written back: each run's writes are its own
     with tempfile.NamedTemporaryFile("r") as stats:
         started = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-q", "-f", "%U %S %M", "-o", stats.name, *args], stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, cwd=cwd)
@@ -184,11 +193,20 @@ def cli_row(label: str, engine: str, source: Path, out_dir: Path, setting: str, 
             "cpu_seconds": LAST_CPU, "source_mb": source_mb, "peak_rss_mb": rss, "load": os.getloadavg()[0]}
 
 
-def same_bytes(a: Path, b: Path) -> bool:
-    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    return names == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and all(
-        subprocess.run(["cmp", "-s", str(a / n), str(b / n)]).returncode == 0 for n in names
-    )
+def output_digests(directory: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file written: outputs are compared by these, and deleted at once,
+    so that every run starts with the same memory free (on this VM, writing into memory freed by a
+    deleted output was up to 1 s faster than writing into memory untouched for a while)."""
+    import hashlib
+
+    out = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 24):
+                digest.update(block)
+        out[str(path.relative_to(directory))] = digest.hexdigest()
+    return out
 
 
 def bench_source(label: str, source: Path, work: Path, cli_only: bool = False, baseline: Path | None = None, repeat: int = 1) -> list[dict]:
@@ -204,7 +222,7 @@ def bench_source(label: str, source: Path, work: Path, cli_only: bool = False, b
                ("swtool torch path", "ours", "4/32", {"SWTOOL_NATIVE": "0"})]
     if cli_only:
         configs = [c for c in configs if c[:3] == ("gguf-py", "gguf", "Q4_0")]
-    trees = [("swtool quantize", None)] + ([("swtool quantize, baseline", baseline)] if baseline else [])
+    trees = [("swtool quantize, first run", None), ("swtool quantize, repeat run", None)] + ([("swtool quantize, baseline", baseline)] if baseline else [])
     for round_number in range(repeat):
         for engine, kind, setting, env in configs:
             wall, rss, out = run_child([py, me, "--child", kind, str(source), setting], env)
@@ -218,22 +236,24 @@ def bench_source(label: str, source: Path, work: Path, cli_only: bool = False, b
                   f"for {row['source_mb']:.0f} MB; whole process {wall:.2f} s wall, {LAST_CPU:.2f} s CPU)  peak RSS {rss:.0f} MB  load {row['load']:.1f}{note}", file=sys.stderr)
         source_mb = next(r["source_mb"] for r in rows if r["mode"] == "core")
         for setting in ("4/32",) if cli_only else ("4/32", "4/512"):
-            outputs = {}
+            outputs: dict[str, dict[str, str]] = {}
             for engine, tree in trees:
-                outputs[engine] = work / f"out-{label}-{setting.replace('/', '-')}-{'baseline' if tree else 'this'}"
-                row = cli_row(label, engine, source, outputs[engine], setting, source_mb, {"PYTHONPATH": str(tree or ROOT)})
+                if engine.endswith("first run"):  # digests of the inputs not remembered from an earlier run (swtool.digests)
+                    cache_file().unlink(missing_ok=True)
+                out_dir = work / f"out-{label}-{setting.replace('/', '-')}"
+                row = cli_row(label, engine, source, out_dir, setting, source_mb, {"PYTHONPATH": str(tree or ROOT)})
+                outputs[engine] = output_digests(out_dir)
+                shutil.rmtree(out_dir, ignore_errors=True)
                 row.update(largest_fp32_mb=largest, interpreter_mb=interp)
                 rows.append(row)
                 verdict = "met" if row["peak_rss_mb"] < 2 * largest + interp else "NOT met"
-                print(f"{label:>10} cli  {engine:<26} {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({row['seconds']:.1f} s wall, {row['cpu_seconds']:.1f} s CPU)  "
+                print(f"{label:>10} cli  {engine:<28} {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({row['seconds']:.2f} s wall, {row['cpu_seconds']:.2f} s CPU)  "
                       f"peak RSS {row['peak_rss_mb']:.0f} MB (target < 2 x {largest:.0f} + {interp:.0f} = {2 * largest + interp:.0f} MB: {verdict})", file=sys.stderr)
             if baseline:
-                same = same_bytes(*outputs.values())
-                print(f"{label:>10} cli  outputs of this tree and the baseline byte-identical: {same}", file=sys.stderr)
+                same = all(digests == outputs["swtool quantize, baseline"] for digests in outputs.values())
+                print(f"{label:>10} cli  outputs of this tree (first and repeat run) and the baseline byte-identical: {same}", file=sys.stderr)
                 if not same:
                     raise SystemExit("the two trees wrote different bytes")
-            for out_dir in outputs.values():
-                shutil.rmtree(out_dir, ignore_errors=True)
     return rows
 
 
@@ -311,8 +331,10 @@ def main() -> None:
         for (engine, setting), r in cli.items():
             print(f"  {engine} {setting}: {r['seconds'] / reference['process_seconds']:.2f}x wall, {r['cpu_seconds'] / reference['process_cpu_seconds']:.2f}x CPU")
         if ("swtool quantize, baseline", "4/32") in cli:
-            new, old = cli[("swtool quantize", "4/32")], cli[("swtool quantize, baseline", "4/32")]
-            print(f"  this tree / baseline: {new['seconds'] / old['seconds']:.2f}x wall, {new['cpu_seconds'] / old['cpu_seconds']:.2f}x CPU")
+            old = cli[("swtool quantize, baseline", "4/32")]
+            for run in ("first run", "repeat run"):
+                new = cli[(f"swtool quantize, {run}", "4/32")]
+                print(f"  this tree ({run}) / baseline: {new['seconds'] / old['seconds']:.2f}x wall, {new['cpu_seconds'] / old['cpu_seconds']:.2f}x CPU")
         if len(core) < 2:
             continue
         pairs = [(("swtool", "8/32"), ("gguf-py", "Q8_0")), (("swtool", "4/32"), ("gguf-py", "Q4_0")), (("swtool", "4/512"), ("gguf-py", "Q4_0")),

@@ -144,3 +144,52 @@ def test_the_same_file_is_hashed_once(tmp_path):
     (model / "model.safetensors").write_bytes(b"changed")
     with Provenance("quantize", {}, [model]) as made:
         assert made.digests()["m/model.safetensors"] == hashlib.sha256(b"changed").hexdigest()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """The digest cache in a temporary file, and this process's memory of digests emptied: each
+    `sha256_later` after a `new_process()` behaves as a new run of swtool would."""
+    file = tmp_path / "cache" / "sha256.json"
+    monkeypatch.setattr(digests, "cache_file", lambda: file)
+    monkeypatch.setattr(digests, "_jobs", {})
+    return file
+
+
+def new_process(monkeypatch) -> None:
+    monkeypatch.setattr(digests, "_jobs", {})
+
+
+def test_digests_are_remembered_across_runs_until_the_file_changes(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(digests, "SETTLED_S", 0.0)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"first")
+    assert digests.sha256_later([path])[path].result() == hashlib.sha256(b"first").hexdigest()
+    assert list(json.loads(cache.read_text()).values()) == [hashlib.sha256(b"first").hexdigest()]
+
+    new_process(monkeypatch)
+    real = digests.sha256_file
+    monkeypatch.setattr(digests, "sha256_file", lambda *_: pytest.fail("hashed again"))
+    assert digests.sha256_later([path])[path].result() == hashlib.sha256(b"first").hexdigest()
+
+    new_process(monkeypatch)
+    monkeypatch.setattr(digests, "sha256_file", real)
+    path.write_bytes(b"other")  # same size: the times and the status change tell
+    assert digests.sha256_later([path])[path].result() == hashlib.sha256(b"other").hexdigest()
+
+
+def test_a_file_changed_just_before_hashing_is_not_remembered(tmp_path, cache):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"fresh")
+    assert digests.sha256_later([path])[path].result() == hashlib.sha256(b"fresh").hexdigest()
+    assert not cache.exists() or json.loads(cache.read_text()) == {}
+
+
+def test_a_damaged_cache_is_ignored(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(digests, "SETTLED_S", 0.0)
+    cache.parent.mkdir(parents=True)
+    cache.write_text('{"not": "a digest", ')
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"data")
+    assert digests.sha256_later([path])[path].result() == hashlib.sha256(b"data").hexdigest()
+    assert list(json.loads(cache.read_text()).values()) == [hashlib.sha256(b"data").hexdigest()]
