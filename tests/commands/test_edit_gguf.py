@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -81,6 +83,7 @@ def assert_copied_except(source, out, edited: set[str]) -> tuple[dict, dict]:
     added = {k: after.fields[k].contents() for k in fields_after if k not in kept}
     assert set(added) == {"swtool.version", "swtool.command", "swtool.options", "swtool.inputs"}
     assert added["swtool.command"] == "edit"
+    assert json.loads(added["swtool.inputs"]) == {Path(source).name: hashlib.sha256(Path(source).read_bytes()).hexdigest()}
     tensors_before, tensors_after = tensor_bytes(before), tensor_bytes(after)
     assert list(tensors_after) == list(tensors_before)
     for name in tensors_before:

@@ -8,6 +8,7 @@ in the default suite, without llama.cpp.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -271,7 +272,8 @@ def test_cli_json_summary_provenance_and_llama_keys(case_dir, tmp_path):
     written = read_imatrix(out)
     assert written.chunk_count == 4 and written.datasets == [str(folder / "text.txt")]
     assert json.loads(written.metadata["swtool.options"]) == {"batch": 2048, "builtin": False, "chunks": 4, "ctx": 32, "dtype": "fp32", "ubatch": 512}
-    assert set(json.loads(written.metadata["swtool.inputs"])) == {"tiny.gguf", "text.txt"}
+    digest = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in ("tiny.gguf", "text.txt")}
+    assert json.loads(written.metadata["swtool.inputs"]) == digest  # sealed into the file after it was written
     assert written.metadata["swtool.command"] == "imatrix"
 
 
