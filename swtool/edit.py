@@ -93,14 +93,16 @@ def edit_checkpoint(checkpoint: Checkpoint, out: Path, plan: EditPlan, *, force:
     if checkpoint.format == ct_schema.METHOD:
         refuse_quantized_edits(checkpoint, plan)
         checkpoint = checkpoint.store  # stored tensors streamed as they are, quantization_config included
-    gguf = checkpoint.format == "gguf"
+    is_gguf = checkpoint.format == "gguf"
     with (
         Provenance("edit", plan.describe(), model_inputs(checkpoint)) as record,
-        atomic_output(out, directory=not gguf, inputs=[checkpoint.path], force=force) as temp,
+        atomic_output(out, directory=not is_gguf, inputs=[checkpoint.path], force=force) as temp,
     ):
-        notes = edit_gguf(checkpoint, temp, plan, record.fields) if gguf else []
-        if not gguf:
+        if is_gguf:
+            notes = edit_gguf(checkpoint, temp, plan, record.fields)
+        else:
             edit_safetensors(checkpoint, temp, plan, max_shard_bytes, record.fields)
+            notes = []
         record.seal(temp)
     return notes
 

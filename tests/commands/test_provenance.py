@@ -126,8 +126,8 @@ def test_leaving_without_sealing_stops_the_hashing(tmp_path, monkeypatch):
     """A command that fails early does not wait for (or keep reading) a model it will not record."""
     monkeypatch.setattr(digests, "CHUNK", mmap.ALLOCATIONGRANULARITY)
     path = tmp_path / "big.bin"
-    with path.open("wb") as fh:  # sparse: 200,000 maps and hashlib calls (seconds, unless stopped), no disk
-        fh.truncate(200_000 * mmap.ALLOCATIONGRANULARITY)
+    with path.open("wb") as fh:  # sparse: two million maps and hashlib calls (many seconds, unless stopped), no disk
+        fh.truncate(2_000_000 * mmap.ALLOCATIONGRANULARITY)
     with Provenance("quantize", {}, [path]) as made:
         time.sleep(0.05)
     with pytest.raises(digests.Cancelled):
