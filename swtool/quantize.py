@@ -26,9 +26,6 @@ from swtool.formats.atomic import atomic_output, check_target
 from swtool.formats.base import Checkpoint, Held, HeldValues, held_table
 from swtool.formats.compressed_tensors import schema as ct_schema
 from swtool.formats.compressed_tensors import writer as ct_writer
-from swtool.formats.gguf import writer as gguf_out
-from swtool.formats.gguf.imatrix import read_imatrix
-from swtool.formats.gguf.mixes import parse_mix
 from swtool.formats.hf.export import copy_model_files, exported_names
 from swtool.formats.hf.writer import parse_size
 from swtool.formats.open import open_checkpoint
@@ -123,6 +120,8 @@ def write_safetensors(job: QuantizeJob, directory: Path, progress: Progress | No
 
 def write_gguf(job: QuantizeJob, path: Path, progress: Progress | None = None) -> QuantizeReport:
     """A GGUF file llama.cpp runs; super weights stay in their tensors, which are written at job.super_type."""
+    from swtool.formats.gguf import writer as gguf_out  # (see gguf_types)
+
     checkpoint = job.checkpoint
     plan = gguf_out.plan_gguf(
         checkpoint, job.gguf_type, super_weights=job.held, keep_super=bool(job.held), super_type=job.super_type, provenance=job.provenance,
@@ -245,6 +244,11 @@ def gguf_types(out_format: str, type_name: str | None, bits: int, super_type: st
         if type_name is not None:
             raise SwtoolError("--type applies to --format gguf only (safetensors output takes --bits)")
         return None
+    # imported here, not with the module: gguf-py's import takes 0.15 s, which safetensors and
+    # compressed-tensors outputs never need (5 % of quantizing a 1.1B model)
+    from swtool.formats.gguf import writer as gguf_out
+    from swtool.formats.gguf.mixes import parse_mix
+
     if type_name is None:
         type_name = {8: "Q8_0", 4: "Q4_0"}.get(bits)
         if type_name is None:
@@ -291,6 +295,8 @@ def read_importance(path: Path | None, out_format: str) -> dict[str, np.ndarray]
         raise SwtoolError("--imatrix applies to --format gguf only (llama.cpp's quantizers weight their rounding by it)")
     if not path.is_file():
         raise SwtoolError(f"--imatrix {path}: no such file")
+    from swtool.formats.gguf.imatrix import read_imatrix  # (see gguf_types)
+
     return {name: entry.means() for name, entry in read_imatrix(path).entries.items()}
 
 
