@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "fixtures"))
 sys.path.insert(0, str(ROOT))
 
-from swtool.digests import cache_file  # noqa: E402  (the standard library only)
+from swtool.digests import cache_file, sha256_file  # noqa: E402  (the standard library only)
 
 LAST_CPU = 0.0
 TINYLLAMA = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
@@ -197,16 +197,7 @@ def output_digests(directory: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file written: outputs are compared by these, and deleted at once,
     so that every run starts with the same memory free (on this VM, writing into memory freed by a
     deleted output was up to 1 s faster than writing into memory untouched for a while)."""
-    import hashlib
-
-    out = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            while block := fh.read(1 << 24):
-                digest.update(block)
-        out[str(path.relative_to(directory))] = digest.hexdigest()
-    return out
+    return {str(path.relative_to(directory)): sha256_file(path) for path in sorted(p for p in directory.rglob("*") if p.is_file())}
 
 
 def bench_source(label: str, source: Path, work: Path, cli_only: bool = False, baseline: Path | None = None, repeat: int = 1) -> list[dict]:

@@ -6,8 +6,8 @@ front it made `swtool quantize` read the model twice and wait. Here a command as
 file's digest as soon as it knows the file (swtool.cli.start asks for the weight files before
 it imports torch, so the second core hashes while the first imports) and takes the result
 only when it writes its metadata; asking again for an unchanged file reuses the same
-computation. Nothing here imports more than the standard library, so the command line can
-start it first.
+computation. Nothing here imports more than the standard library (and swtool.cache), so the command
+line can start it first.
 
 Digests are also remembered across runs (`$SWTOOL_CACHE`, `$XDG_CACHE_HOME` or `~/.cache`, under
 swtool/sha256.json), keyed by what changes whenever a file's content can have changed: device,
@@ -31,6 +31,8 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+from swtool.cache import cache_root
 
 CHUNK = 1 << 24
 """Bytes mapped and hashed at a time (a multiple of mmap.ALLOCATIONGRANULARITY): hashing can
@@ -80,8 +82,7 @@ def _identity(path: Path) -> tuple[int, ...]:
 
 
 def cache_file() -> Path:
-    base = os.environ.get("SWTOOL_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "swtool" / "sha256.json"
+    return cache_root() / "sha256.json"
 
 
 def _remembered() -> dict[str, str]:

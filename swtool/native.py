@@ -28,6 +28,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from swtool.cache import cache_root
+
 KERNELS = Path(__file__).with_name("kernels")
 
 
@@ -83,8 +85,7 @@ def _flags() -> list[str]:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("SWTOOL_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    directory = Path(base) / "swtool" / "native"
+    directory = cache_root() / "native"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if os.access(directory, os.W_OK):

@@ -2,7 +2,7 @@
 
 Every `import` statement in swtool is read with `ast` (function-local ones too, so a
 circle cannot hide behind a late import). Families/config are data any layer reads;
-errors, workers, native, readahead and digests sit at the bottom and import nothing of ours
+errors, workers, native, readahead, digests and cache sit at the bottom and import nothing of ours
 above them.
 """
 
@@ -55,6 +55,7 @@ PLACES = [
     ("swtool.native", "bottom"),
     ("swtool.readahead", "bottom"),
     ("swtool.digests", "bottom"),
+    ("swtool.cache", "bottom"),
 ]
 
 
