@@ -6,6 +6,7 @@ no traceback), 1 for an internal error. Machine output goes to stdout only.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -176,6 +177,8 @@ def start(model: Path, hashed: bool = False) -> ReadAhead:
         from swtool.digests import sha256_later
 
         sha256_later(ahead.files)
+    _keep_freed_memory()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS: swtool's products run in torch; its idle pool spun 2-3% of a quantize's CPU
     gc.disable()
     try:
         import torch  # noqa: F401
@@ -183,6 +186,21 @@ def start(model: Path, hashed: bool = False) -> ReadAhead:
         gc.enable()
         gc.freeze()
     return ahead
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc keep big freed buffers for the next tensor instead of unmapping each and
+    faulting in fresh zeroed pages for the next one (by default it does so above 32 MB, and trims
+    the heap at 128 kB free). A streamed command allocates about the same sizes tensor after
+    tensor, so the pages are reused; peak RSS is unchanged, since the peak holds them anyway.
+    Random 1.1B quantize, 5 interleaved runs: 1.91 s against 2.12 s, sys 0.52 against 0.64 s."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
+        return
+    mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: only allocations over 1 GiB get maps of their own
+    mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: return the heap's top to the system only past 2 GiB free
 
 
 def torch_dtype(name: str):

@@ -48,16 +48,15 @@ def edit_safetensors(checkpoint: Checkpoint, directory: Path, plan: EditPlan, ma
     """Stream an HF checkpoint into `directory` (existing, empty), one tensor at a time, edits applied."""
     names = checkpoint.names()
     plan_out = [PlannedTensor(n, checkpoint.stored_dtype(n), checkpoint.shape(n)) for n in names]
-    writer = ShardedWriter(directory, plan_out, {"format": "pt", **provenance}, max_shard_bytes)
-    linear = linear_layers(checkpoint.config)
-    for name in names:
-        dtype = STORAGE[checkpoint.stored_dtype(name)].torch
-        if plan.touches(name, linear):
-            tensor = edit_tensor(plan, name, checkpoint.load(name, torch.float32), name in linear).to(dtype)
-        else:
-            tensor = checkpoint.load(name, dtype)
-        writer.write(name, tensor)
-    writer.close()
+    with ShardedWriter(directory, plan_out, {"format": "pt", **provenance}, max_shard_bytes) as writer:
+        linear = linear_layers(checkpoint.config)
+        for name in names:
+            dtype = STORAGE[checkpoint.stored_dtype(name)].torch
+            if plan.touches(name, linear):
+                tensor = edit_tensor(plan, name, checkpoint.load(name, torch.float32), name in linear).to(dtype)
+            else:
+                tensor = checkpoint.load(name, dtype)
+            writer.write(name, tensor)
     _copy_side_files(checkpoint.path, directory)
 
 

@@ -1,5 +1,5 @@
-"""The codecs' one error: input no GGML type can store (shared by ggml.py and kquants.py, which import it from here)."""
+"""The codecs' one error: input no block code can store (shared by ggml.py, kquants.py and rtn.py, which import it from here)."""
 
 
 class NonFiniteError(ValueError):
-    """The input holds NaN or infinity, which no GGML type stores meaningfully."""
+    """The input holds NaN or infinity, which no block code stores meaningfully."""

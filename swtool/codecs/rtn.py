@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swtool import native
+from swtool.codecs.errors import NonFiniteError
 from swtool.codecs.pack import WIDTHS, pack, unpack
 from swtool.errors import SwtoolError
 from swtool.workers import run_chunks
@@ -152,8 +153,8 @@ def _scale_zero(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
         scale = ((high - low) / (2**bits - 1)).half()
         zero = low.half()
     if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
-        if not torch.isfinite(x).all():  # only reachable with --allow-nonfinite
-            raise SwtoolError("weights hold NaN or Inf, which round-to-nearest cannot quantize (--allow-nonfinite only lets them through unquantized tensors)")
+        if not torch.isfinite(x).all():
+            raise NonFiniteError("holds NaN or Inf, which round-to-nearest cannot quantize")
         raise SwtoolError("weights exceed the fp16 range of scales and zero points")
     return scale, zero
 
@@ -347,7 +348,8 @@ def quantize(weight: torch.Tensor, spec: QuantSpec, held: Sequence[tuple[int, in
     """Quantize one weight (any float dtype, at least 1-D); `held` lists (row, col) to keep exactly.
 
     `importance` (one weight per input column, see swtool.importance) weights
-    the error that `--clip auto` minimises; other rules ignore it."""
+    the error that `--clip auto` minimises; other rules ignore it. NaN or infinity raises
+    NonFiniteError (the pass that finds each block's range finds them too)."""
     shape = tuple(weight.shape)
     n = spec.block_length(shape)
     columns = shape[-1] if len(shape) > 1 else 1

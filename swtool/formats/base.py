@@ -145,13 +145,18 @@ class Checkpoint(ABC):
     def has(self, name: str) -> bool:
         return name in self._entries
 
-    def load(self, name: str, dtype: torch.dtype = torch.float32, rows: Rows = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def load(
+        self, name: str, dtype: torch.dtype = torch.float32, rows: Rows = None, out: torch.Tensor | None = None, checked: bool = True
+    ) -> torch.Tensor:
         """The tensor (or `rows` of it) in `dtype`. Safe to call from several threads at once.
 
         `out`, when it has the whole tensor's shape and `dtype`, may receive the values and
         be returned instead of a new tensor (where the format supports it): a fresh tensor of
         a layer's size costs more in page faults than the conversion itself, so streams reuse
         the previous layer's.
+
+        `checked=False` skips the NaN/Inf check (`check_finite`), for callers whose own pass over
+        the values finds them anyway and then load again checked, for the message.
         """
         if not self.has(name):
             raise SwtoolError(f"{self.path}: tensor {name} not found")
@@ -161,7 +166,7 @@ class Checkpoint(ABC):
             tensor = out
         else:
             tensor = self._read(name, rows)
-        if not self.allow_nonfinite:
+        if checked and not self.allow_nonfinite:
             self._check_finite(name, tensor, rows)
         return tensor if tensor is out else tensor.to(dtype)
 

@@ -115,7 +115,7 @@ def test_rtn_kernel_matches_torch(spec, torch_only, monkeypatch):
 def test_rtn_kernel_refusals_match_torch():
     bad = torch.randn(4, 64)
     bad[2, 5] = float("nan")
-    with pytest.raises(SwtoolError, match="NaN or Inf"):
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
         quantize(bad, QuantSpec(4, 32))
     huge = torch.randn(4, 64) * 1e6
     with pytest.raises(SwtoolError, match="fp16 range"):

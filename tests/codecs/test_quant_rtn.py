@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from swtool.codecs import pack, rtn
+from swtool.codecs.errors import NonFiniteError
 from swtool.errors import SwtoolError
 
 
@@ -225,3 +226,16 @@ def test_parse_good_values():
     assert rtn.parse_block("512") == 512 and rtn.parse_block("channel") == "channel"
     assert str(rtn.parse_clip("z:3")) == "z:3" and str(rtn.parse_clip("pct:0.001")) == "pct:0.001"
     assert rtn.parse_clip("auto").kind == "auto" and rtn.parse_clip("none").kind == "none"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("clip", [rtn.Clip(), rtn.Clip("z", 3.0), rtn.Clip("auto")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nonfinite_values_raise_nonfinite_error_under_every_rule(bad, clip, dtype):
+    """The writers load the weights unchecked and rely on quantize to find NaN/Inf (swtool.formats.rtn.writer)."""
+    w = weight(16, 96).to(dtype)
+    w[9, 70] = bad
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        rtn.quantize(w, rtn.QuantSpec(4, 32, clip=clip), held=[(2, 3)])
+    with pytest.raises(NonFiniteError):
+        rtn.quantize(w, rtn.QuantSpec(4, 32))

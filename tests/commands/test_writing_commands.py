@@ -189,7 +189,7 @@ def test_nonfinite_weights_refused_by_quantize_unless_allowed(tmp_path, super_js
         assert invoke(*args, "--allow-nonfinite").exit_code == 0
         assert open_checkpoint(tmp_path / "q", allow_nonfinite=True).load(tensor).isnan().sum() == 1
     else:  # round-to-nearest cannot represent it: a clear refusal, even when allowed
-        assert_user_error(invoke(*args, "--allow-nonfinite"), "weights hold NaN or Inf, which round-to-nearest cannot quantize")
+        assert_user_error(invoke(*args, "--allow-nonfinite"), rf"tensor {tensor} holds NaN or Inf, which round-to-nearest cannot quantize")
         assert sorted(os.listdir(tmp_path)) == ["m"]
 
 

@@ -119,20 +119,19 @@ def write_shards(
             plan += planned(name, checkpoint.shape(name), layout)
         else:
             plan.append(PlannedTensor(name, STORAGE_OF[kept_dtype(name)].name, checkpoint.shape(name)))
-    writer = ShardedWriter(directory, plan, {"format": "pt", **metadata}, max_shard_bytes)
-    thresholds: dict[str, float] = {}
-    for index, name in enumerate(names):
-        if name in wanted:
-            tensors, threshold = stored(name, checkpoint.load(name, kept_dtype(name)), layout, clip, (importance or {}).get(name))
-            if threshold is not None:
-                thresholds[name] = threshold
-            for stored_name, tensor in tensors:
-                writer.write(stored_name, tensor)
-        else:
-            writer.write(name, checkpoint.load(name, kept_dtype(name)))
-        if progress:
-            progress(index + 1, len(names))
-    writer.close()
+    with ShardedWriter(directory, plan, {"format": "pt", **metadata}, max_shard_bytes) as writer:
+        thresholds: dict[str, float] = {}
+        for index, name in enumerate(names):
+            if name in wanted:
+                tensors, threshold = stored(name, checkpoint.load(name, kept_dtype(name)), layout, clip, (importance or {}).get(name))
+                if threshold is not None:
+                    thresholds[name] = threshold
+                for stored_name, tensor in tensors:
+                    writer.write(stored_name, tensor)
+            else:
+                writer.write(name, checkpoint.load(name, kept_dtype(name)))
+            if progress:
+                progress(index + 1, len(names))
     return thresholds
 
 

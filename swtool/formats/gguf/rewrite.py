@@ -26,6 +26,7 @@ from gguf import GGUFEndian, GGUFValueType
 
 from swtool.codecs.ggml import QType, encoded_nbytes
 from swtool.errors import SwtoolError
+from swtool.formats.outfile import OutputFile
 
 COPY_BLOCK = 16 << 20
 """Bytes copied at a time from the input's data section."""
@@ -54,7 +55,7 @@ def _padding(position: int, alignment: int) -> bytes:
     return bytes(-position % alignment)
 
 
-def _copy_range(source: BinaryIO, offset: int, count: int, out: BinaryIO) -> None:
+def _copy_range(source: BinaryIO, offset: int, count: int, out: OutputFile) -> None:
     source.seek(offset)
     while count > 0:
         block = source.read(min(COPY_BLOCK, count))
@@ -83,7 +84,7 @@ def copy_gguf(
     types = {t.name: replacements[t.name].qtype if t.name in replacements else QType(t.tensor_type) for t in tensors}
     sizes = {t.name: encoded_nbytes(tuple(int(d) for d in t.shape), types[t.name]) if t.name in replacements else int(t.n_bytes) for t in tensors}
     alignment = reader.alignment
-    with path.open("wb") as out, source.open("rb") as data:
+    with OutputFile(path) as out, source.open("rb") as data:
         out.write(b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(records)))
         out.write(b"".join(records))
         offset = 0
@@ -97,7 +98,7 @@ def copy_gguf(
                 block = np.ascontiguousarray(replacements[t.name].data(), dtype=np.uint8)
                 if block.nbytes != sizes[t.name]:
                     raise AssertionError(f"{t.name}: {block.nbytes} bytes produced, {sizes[t.name]} planned")
-                out.write(block.tobytes())
+                out.write(block)
             else:
                 _copy_range(data, int(t.data_offset), sizes[t.name], out)
             out.write(_padding(sizes[t.name], alignment))

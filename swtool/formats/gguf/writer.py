@@ -34,7 +34,7 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGUFValueType
-from gguf.gguf_writer import GGUFValue
+from gguf.gguf_writer import GGUFValue, WriterState
 
 from swtool.codecs.ggml import (
     TYPES,
@@ -58,6 +58,7 @@ from swtool.formats.gguf.mixes import (
     plan_mix,
 )
 from swtool.formats.gguf.reader import ARCH_BY_NAME, EXPERT, permute_qk, qk_heads
+from swtool.formats.outfile import OutputFile
 from swtool.workers import parallel_chunks
 
 SUPER_TYPES = ("Q8_0", "Q6_K", "F16")
@@ -311,8 +312,27 @@ def encoded_tensor(checkpoint: Checkpoint, tensor: GGUFTensor) -> np.ndarray:
 
 class Writer(gguf.GGUFWriter):
     """gguf-py's writer, packing arrays (a tokenizer: ~150,000 strings and numbers) in one call
-    instead of one Python call per item, which took most of the CPU time of writing a small model.
-    The bytes are the same."""
+    instead of one Python call per item, which took most of the CPU time of writing a small model,
+    and writing one file (no splits) through swtool's OutputFile. The bytes are the same."""
+
+    def open_output_file(self, path: Path | None = None) -> None:
+        if self.state is WriterState.NO_FILE:
+            self.path = path or self.path
+            self.fout = [OutputFile(self.path)]  # type: ignore[list-item]
+            self.state = WriterState.EMPTY
+
+    def write_tensor_data(self, tensor: np.ndarray, tensor_endianess: gguf.GGUFEndian | None = None) -> None:
+        """gguf-py's, less the byte swaps and splits swtool never asks for, writing the array's own bytes
+        (numpy's `tofile` needs a plain file)."""
+        if self.state not in (WriterState.TI_DATA, WriterState.WEIGHTS) or self.fout is None:
+            raise ValueError(f"expected the tensor infos to be written, got {self.state}")
+        out = self.fout[0]
+        info = self.tensors[0].pop(next(iter(self.tensors[0])))
+        assert info.nbytes == tensor.nbytes
+        self.write_padding(out, out.tell())
+        out.write(memoryview(np.ascontiguousarray(tensor)).cast("B"))
+        self.write_padding(out, tensor.nbytes)
+        self.state = WriterState.WEIGHTS
 
     def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
         scalar = self._simple_value_packing.get(sub_type) if sub_type is not None else None
@@ -343,8 +363,11 @@ def write_gguf(checkpoint: Checkpoint, plan: GGUFPlan, path: Path, progress: Pro
                 writer.write_tensor_data(encoded_tensor(checkpoint, tensor))
                 if progress:
                     progress(index + 1, len(plan.tensors))
-    finally:
-        writer.close()
+    except BaseException:
+        for out in writer.fout or ():
+            out.abandon()
+        raise
+    writer.close()
 
 
 def save_gguf(checkpoint: Checkpoint, plan: GGUFPlan, out: Path, *, force: bool = False, progress: Progress | None = None) -> None:

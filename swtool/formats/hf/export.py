@@ -163,10 +163,9 @@ def write_weights(checkpoint: Checkpoint, directory: Path, dtype: torch.dtype, m
     """Stream every HF-named tensor of `checkpoint`, cast to `dtype`, into safetensors shards in `directory`."""
     names = exported_names(checkpoint)
     plan = [PlannedTensor(n, STORAGE_OF[dtype].name, checkpoint.shape(n)) for n in names]
-    writer = ShardedWriter(directory, plan, {"format": "pt", **(metadata or {})}, max_shard_bytes)
-    for name in names:
-        writer.write(name, checkpoint.load(name, torch.float32).to(dtype))
-    writer.close()
+    with ShardedWriter(directory, plan, {"format": "pt", **(metadata or {})}, max_shard_bytes) as writer:
+        for name in names:
+            writer.write(name, checkpoint.load(name, torch.float32).to(dtype))
 
 
 def config_json(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:

@@ -15,12 +15,12 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
+from types import TracebackType
 import torch
 
 from swtool.errors import SwtoolError
 from swtool.formats.base import STORAGE, STORAGE_OF
+from swtool.formats.outfile import OutputFile
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class ShardedWriter:
         self.files = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         self._queue = [(shard_index, t) for shard_index, shard in enumerate(self.shards) for t in shard]
         self._position = 0
-        self._handle: BinaryIO | None = None
+        self._handle: OutputFile | None = None
         self._open_index = -1
 
     def _open(self, index: int) -> None:
@@ -89,7 +89,7 @@ class ShardedWriter:
             offset += tensor.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # align data to 8 bytes, as the reference writer does
-        self._handle = (self.directory / self.files[index]).open("wb")
+        self._handle = OutputFile(self.directory / self.files[index])
         self._handle.write(struct.pack("<Q", len(raw)))
         self._handle.write(raw)
         self._open_index = index
@@ -110,6 +110,17 @@ class ShardedWriter:
         assert self._handle is not None
         self._handle.write(memoryview(data.numpy()).cast("B"))  # the tensor's own bytes: no copy on the way to the file
         self._position += 1
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None) -> None:
+        """Close on success; on an error stop writing (the atomic output removes what was written)."""
+        if kind is None:
+            self.close()
+        elif self._handle is not None:
+            self._handle.__exit__(kind, value, traceback)
+            self._handle = None
 
     def close(self) -> None:
         """Finish the last shard and write the index; every planned tensor must have been written."""
