@@ -16,9 +16,12 @@ stored bytes of the tensors being quantized) per second of wall time.
   gguf-py Q4_0: imports, load to float32, quantize) as the reference; a first run
   (the inputs' digests forgotten first, so the model is hashed) and a repeat run
   (digests remembered by swtool.digests, as when one model is quantized at several
-  settings). With
-  --baseline TREE the command also runs from that source tree (PYTHONPATH), in the
-  same rounds, and its outputs must be byte for byte this tree's (provenance included).
+  settings). With --baseline TREE the command also runs (first and repeat run) from
+  that source tree (PYTHONPATH), in the same rounds, and its outputs must be byte for
+  byte this tree's (provenance included); odd rounds run the baseline's pair first, so
+  neither tree always follows the gguf-py process. Ratios to the reference are also
+  given per round (each run against the gguf-py process of its own round), which
+  cancels the machine's slow spells that a ratio of medians keeps.
 
 Sources: SmolLM2-135M (fp16 HF export of the fixture GGUF) and a random
 bf16 llama-shaped checkpoint of ~1.1B parameters (TinyLlama's shape), written to
@@ -213,14 +216,17 @@ def bench_source(label: str, source: Path, work: Path, cli_only: bool = False, b
                ("swtool torch path", "ours", "4/32", {"SWTOOL_NATIVE": "0"})]
     if cli_only:
         configs = [c for c in configs if c[:3] == ("gguf-py", "gguf", "Q4_0")]
-    trees = [("swtool quantize, first run", None), ("swtool quantize, repeat run", None)] + ([("swtool quantize, baseline", baseline)] if baseline else [])
+    pairs = [[("swtool quantize, first run", None), ("swtool quantize, repeat run", None)]]
+    if baseline:
+        pairs.append([("swtool quantize, baseline first run", baseline), ("swtool quantize, baseline repeat run", baseline)])
     for round_number in range(repeat):
+        trees = [run for pair in (pairs if round_number % 2 == 0 else pairs[::-1]) for run in pair]  # neither tree always runs after gguf-py
         for engine, kind, setting, env in configs:
             wall, rss, out = run_child([py, me, "--child", kind, str(source), setting], env)
             result = json.loads(out.strip().splitlines()[-1])
             row = {"source": label, "mode": "core", "engine": engine, "setting": setting, "mb_per_s": result["bytes"] / 1e6 / result["seconds"],
                    "seconds": result["seconds"], "cpu_seconds": result["cpu"], "source_mb": result["bytes"] / 1e6, "peak_rss_mb": rss,
-                   "load": os.getloadavg()[0], "process_seconds": wall, "process_cpu_seconds": LAST_CPU}
+                   "load": os.getloadavg()[0], "process_seconds": wall, "process_cpu_seconds": LAST_CPU, "round": round_number}
             rows.append(row)
             note = f"  [{result['native']}]" if kind == "ours" else ""
             print(f"{label:>10} core {engine:<18} {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({result['seconds']:.2f} s wall, {result['cpu']:.2f} s CPU "
@@ -235,17 +241,25 @@ def bench_source(label: str, source: Path, work: Path, cli_only: bool = False, b
                 row = cli_row(label, engine, source, out_dir, setting, source_mb, {"PYTHONPATH": str(tree or ROOT)})
                 outputs[engine] = output_digests(out_dir)
                 shutil.rmtree(out_dir, ignore_errors=True)
-                row.update(largest_fp32_mb=largest, interpreter_mb=interp)
+                row.update(largest_fp32_mb=largest, interpreter_mb=interp, round=round_number)
                 rows.append(row)
                 verdict = "met" if row["peak_rss_mb"] < 2 * largest + interp else "NOT met"
                 print(f"{label:>10} cli  {engine:<28} {setting:<5} {row['mb_per_s']:8.1f} MB/s  ({row['seconds']:.2f} s wall, {row['cpu_seconds']:.2f} s CPU)  "
                       f"peak RSS {row['peak_rss_mb']:.0f} MB (target < 2 x {largest:.0f} + {interp:.0f} = {2 * largest + interp:.0f} MB: {verdict})", file=sys.stderr)
             if baseline:
-                same = all(digests == outputs["swtool quantize, baseline"] for digests in outputs.values())
+                same = all(digests == outputs["swtool quantize, baseline first run"] for digests in outputs.values())
                 print(f"{label:>10} cli  outputs of this tree (first and repeat run) and the baseline byte-identical: {same}", file=sys.stderr)
                 if not same:
                     raise SystemExit("the two trees wrote different bytes")
     return rows
+
+
+def round_ratios(rows: list[dict], source: str, engine: str, setting: str) -> str:
+    """Median (and range) over rounds of this command's wall time / the gguf-py Q4_0 process's in the same
+    round: a slow spell of the machine moves both, so it cancels here and not in a ratio of medians."""
+    reference = {r["round"]: r["process_seconds"] for r in rows if r["source"] == source and r["mode"] == "core" and (r["engine"], r["setting"]) == ("gguf-py", "Q4_0")}
+    ratios = sorted(r["seconds"] / reference[r["round"]] for r in rows if r["source"] == source and r["mode"] == "cli" and (r["engine"], r["setting"]) == (engine, setting))
+    return f"median {statistics.median(ratios):.2f}x (from {ratios[0]:.2f}x to {ratios[-1]:.2f}x, {len(ratios)} rounds)"
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -320,12 +334,12 @@ def main() -> None:
         reference = core[("gguf-py", "Q4_0")]
         print(f"\n{source}, whole swtool quantize process / whole gguf-py Q4_0 process (load + quantize, {reference['process_seconds']:.2f} s):")
         for (engine, setting), r in cli.items():
-            print(f"  {engine} {setting}: {r['seconds'] / reference['process_seconds']:.2f}x wall, {r['cpu_seconds'] / reference['process_cpu_seconds']:.2f}x CPU")
-        if ("swtool quantize, baseline", "4/32") in cli:
-            old = cli[("swtool quantize, baseline", "4/32")]
+            print(f"  {engine} {setting}: {r['seconds'] / reference['process_seconds']:.2f}x wall, {r['cpu_seconds'] / reference['process_cpu_seconds']:.2f}x CPU "
+                  f"(ratio of medians); per round {round_ratios(rows, source, engine, setting)}")
+        if ("swtool quantize, baseline first run", "4/32") in cli:
             for run in ("first run", "repeat run"):
-                new = cli[(f"swtool quantize, {run}", "4/32")]
-                print(f"  this tree ({run}) / baseline: {new['seconds'] / old['seconds']:.2f}x wall, {new['cpu_seconds'] / old['cpu_seconds']:.2f}x CPU")
+                new, old = cli[(f"swtool quantize, {run}", "4/32")], cli[(f"swtool quantize, baseline {run}", "4/32")]
+                print(f"  this tree / baseline, {run}: {new['seconds'] / old['seconds']:.2f}x wall, {new['cpu_seconds'] / old['cpu_seconds']:.2f}x CPU")
         if len(core) < 2:
             continue
         pairs = [(("swtool", "8/32"), ("gguf-py", "Q8_0")), (("swtool", "4/32"), ("gguf-py", "Q4_0")), (("swtool", "4/512"), ("gguf-py", "Q4_0")),
