@@ -102,8 +102,9 @@ class Checkpoint(ABC):
         return float_dtype(self.stored_dtype(name), torch.float16)
 
     def value(self, held: Held, dtype: torch.dtype = torch.float32) -> float:
-        """One weight's value, read from its row alone, rounded to `dtype` (fp16 for the side tables)."""
-        return float(self.load(held.tensor, torch.float32, rows=[held.row])[0, held.col].to(dtype))
+        """One weight's value, read from its row alone, rounded to `dtype` (fp16 for the side tables).
+        Not checked for NaN/Inf: every caller also reads the whole tensor, whose check names the first bad value."""
+        return float(self.load(held.tensor, torch.float32, rows=[held.row], checked=False)[0, held.col].to(dtype))
 
     def names(self) -> list[str]:
         """Canonical names of every tensor in the checkpoint, in file order."""

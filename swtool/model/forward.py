@@ -273,7 +273,9 @@ class LayerStream(WeightStream):
         out = self.mlp(layer, self.norm(h, w.get("mlp_norm")) if pre_norm else h, w, hook)
         if "post_mlp_norm" in w:
             out = self.norm(out, w["post_mlp_norm"])
-        return h + out
+        h = h + out
+        self.check_output(layer, h)
+        return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, the head streamed in row chunks of the vocabulary; soft-capped where the family does."""

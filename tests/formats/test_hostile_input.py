@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -468,6 +469,43 @@ def test_nonfinite_weight_is_refused_with_its_name_and_place(tmp_path, bad):
     tensors[DOWN][5, 1] = bad
     llama_dir(tmp_path / "m", tensors=tensors)
     scan_fails(tmp_path / "m", rf"tensor {DOWN} holds 2 NaN/Inf value\(s\) \(first at \[3, 7\]\).*--allow-nonfinite")
+
+
+LAYER_WEIGHTS = [f"model.layers.1.{name}.weight" for name in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("tensor", LAYER_WEIGHTS)
+def test_every_weight_of_a_layer_loaded_unchecked_is_caught_by_its_output(tmp_path, tensor, bad):
+    """Dense layers load without the NaN/Inf pass (swtool.model.stream.check_output): one bad value
+    anywhere in any of their weights must still stop the scan and eval, naming it."""
+    tensors = llama_tensors(CONFIG)
+    place = (1, 2) if tensors[tensor].ndim == 2 else (2,)
+    tensors[tensor][place] = bad
+    llama_dir(tmp_path / "m", tensors=tensors)
+    where = rf"tensor {tensor} holds 1 NaN/Inf value\(s\) \(first at \[{', '.join(map(str, place))}\]\)"
+    scan_fails(tmp_path / "m", where)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, again and again, all day long. " * 4)
+    assert_user_error(invoke("eval", tmp_path / "m", "--text", text, "--ctx", "16", "--max-windows", "1", "--json"), where)
+
+
+def test_an_output_overflowing_without_a_bad_weight_makes_later_layers_checked_as_they_load(tmp_path):
+    """An fp16 compute dtype can overflow a layer's output with finite weights: from then on the
+    loads check, so a bad weight further on is still named (its output is non-finite anyway)."""
+    from swtool.model.forward import LayerStream
+
+    tensors = llama_tensors(CONFIG)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = np.nan
+    llama_dir(tmp_path / "m", tensors=tensors)
+    stream = LayerStream(open_checkpoint(tmp_path / "m"))
+    weights = stream.layer_weights(0)
+    stream.check_output(0, torch.full((1, 2, 16), float("inf")))  # layer 0's weights are fine: no error
+    assert not stream.checks_outputs
+    with pytest.raises(SwtoolError, match=r"up_proj.weight holds 1 NaN/Inf value\(s\) \(first at \[3, 4\]\)"):
+        stream.layer_weights(1, reuse=weights)
 
 
 def test_allow_nonfinite_lets_the_scan_run(tmp_path):

@@ -111,9 +111,9 @@ def test_mapped_layers_are_let_go_not_handed_back(model_dir, monkeypatch):
     handed = []
     load = checkpoint.load
 
-    def spy(name, dtype=torch.float32, rows=None, out=None):
+    def spy(name, dtype=torch.float32, rows=None, out=None, checked=True):
         handed.append(out)
-        return load(name, dtype, rows, out)
+        return load(name, dtype, rows, out, checked)
 
     monkeypatch.setattr(checkpoint, "load", spy)
     for layer, weights in stream.walk():
