@@ -148,14 +148,18 @@ class WeightStream:
         overlaps the caller's work on the previous one, and the tensors of a layer load
         in parallel. Two layers' buffers take turns: the weights yielded for a layer are
         valid until the caller asks for the next one. Memory is two layers plus activations.
+        Unmapping a layer (a 7B layer is 400 MB of page-table entries to tear down, about 10 ms)
+        is a loader's job too.
         """
         layers = self.layers(start)
         with ThreadPoolExecutor(loaders, thread_name_prefix="swtool-load") as pool:
 
-            def submit(layer: int, reuse: dict[str, torch.Tensor]) -> dict[str, Future]:
+            def submit(layer: int, previous: dict[str, torch.Tensor]) -> dict[str, Future]:
                 names = self._layer_names(layer)
                 checked = self._checked_at_load(layer, names)
-                return {role: pool.submit(self._get, name, self._refillable(name, reuse.pop(role, None)), checked) for role, name in names.items()}
+                refill = {role: previous.pop(role) for role, name in names.items() if self._refillable(name, previous.get(role)) is not None}
+                pool.submit(previous.clear)  # the rest, maps of the stored bytes, are unmapped by a loader, not by the caller's thread
+                return {role: pool.submit(self._get, name, refill.get(role), checked) for role, name in names.items()}
 
             pending = submit(layers[0], {}) if layers else {}
             previous: dict[str, torch.Tensor] = {}
