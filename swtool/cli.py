@@ -162,20 +162,25 @@ def show(document: dict, render: Callable[[], None], as_json: bool, quiet: bool)
         render()
 
 
-def start(model: Path, writes: bool = False) -> ReadAhead:
+def start(model: Path, output: Path | None = None) -> ReadAhead:
     """Begin a command that computes: the model's bytes read ahead while torch imports (see
     swtool.readahead), the garbage collector paused meanwhile. The import makes some 300,000
     objects, none of them garbage, and the collector's passes over them took a fifth of it
     (1.19 s against 0.93 s); frozen afterwards, they are never traversed again.
 
-    `writes`: the command writes a model. It records its inputs' sha256 (swtool.provenance), so the
-    weight files are hashed from now on, on the other core while this one imports (swtool.digests);
-    and it streams tensor-sized buffers through encoding and writing, which malloc is told to keep
-    for reuse (`_keep_freed_memory`)."""
+    `output`: what the command writes. An output where no file can be created is refused first,
+    before the second it takes to import torch. The command records its inputs' sha256
+    (swtool.provenance), so the weight files are hashed from now on, on the other core while this
+    one imports (swtool.digests); and it streams tensor-sized buffers through encoding and
+    writing, which malloc is told to keep for reuse (`_keep_freed_memory`)."""
     from swtool.formats.open import prefetch
 
+    if output is not None:
+        from swtool.formats.atomic import check_writable
+
+        check_writable(output)
     ahead = prefetch(model)
-    if writes:
+    if output is not None:
         from swtool.digests import sha256_later
 
         sha256_later(ahead.files)
@@ -329,7 +334,7 @@ def quantize(
     """Round-to-nearest block quantization, streamed tensor by tensor, with super weights held out."""
 
     def run() -> int:
-        ahead = start(model, writes=True)
+        ahead = start(model, output)
         from swtool.quantize import QuantizeRequest, quantize_model
         from swtool.report import progress_bar, render_quantize
 
@@ -418,7 +423,7 @@ def imatrix(
     """Importance matrix of MODEL on a text (llama-imatrix's GGUF file, for llama-quantize --imatrix), streamed layer by layer."""
 
     def run() -> int:
-        ahead = start(model, writes=True)
+        ahead = start(model, output)
         from swtool.imatrix import imatrix_model
         from swtool.report import progress_bar, render_imatrix
         from swtool.scan import check_device
@@ -447,7 +452,7 @@ def dequantize(
     """Write a quantized checkpoint (swtool's, or a GGUF) back as a standard Hugging Face checkpoint."""
 
     def run() -> int:
-        ahead = start(quantized, writes=True)
+        ahead = start(quantized, output)
         from swtool.dequantize import dequantize_model
 
         dequantize_model(quantized, output, torch_dtype(dtype) if dtype is not None else None, dtype, max_shard_size, force, ahead)
@@ -471,7 +476,7 @@ def edit(
     """Write a copy of MODEL with its super weights zeroed or scaled, or its other outliers pruned, streamed."""
 
     def run() -> int:
-        ahead = start(model, writes=True)
+        ahead = start(model, output)
         from swtool.ablation import EditPlan
         from swtool.edit import edit_model
         from swtool.report import render_edit

@@ -35,13 +35,15 @@ UNWRITABLE = [
 
 
 @pytest.mark.parametrize("target, reason", UNWRITABLE)
-@pytest.mark.parametrize("command", ["quantize", "dequantize", "edit"])
+@pytest.mark.parametrize("command", ["quantize", "dequantize", "edit", "imatrix"])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(model, target, reason, command, monkeypatch):
+    """Before opening the model, and before even reading it ahead and importing torch (`cli.start`)."""
     if not Path(target).parent.parent.exists():
         pytest.skip(f"{target}: no such system directory here")
     opened = []
     monkeypatch.setattr("swtool.formats.open._open", lambda path: opened.append(path))  # any work would open the model first
-    args = {"quantize": ["--bits", "4"], "dequantize": [], "edit": ["--zero-super"]}[command]
+    monkeypatch.setattr("swtool.formats.open.prefetch", lambda path: opened.append(("read ahead", path)))
+    args = {"quantize": ["--bits", "4"], "dequantize": [], "edit": ["--zero-super"], "imatrix": ["--builtin"]}[command]
     result = invoke(command, model, "-o", target, *args)
     assert_user_error(result, f"{target}: cannot write here \\({reason}")
     assert opened == []
