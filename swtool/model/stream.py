@@ -93,8 +93,8 @@ class WeightStream:
     def _get(self, name: str, out: torch.Tensor | None = None, checked: bool = True) -> torch.Tensor:
         return self.checkpoint.load(name, self._load_dtype(name), out=out, checked=checked).to(self.device)
 
-    def _checked_at_load(self, layer: int, names: dict[str, str]) -> bool:
-        """Whether a layer's weights are checked for NaN/Inf as they load, rather than by its output (`check_output`).
+    def _decide_check(self, layer: int, names: dict[str, str]) -> bool:
+        """Whether a layer's weights are checked for NaN/Inf as they load; if not, the layer is noted for `check_output`.
 
         Every weight of a dense layer multiplies an input of every token, so one NaN or infinity
         in it makes the layer's output non-finite: checking the small output replaces a pass
@@ -138,7 +138,7 @@ class WeightStream:
         `reuse` one by one, so each old tensor is freed as soon as its role is loaded."""
         spare = reuse if reuse is not None else {}
         names = self._layer_names(layer)
-        checked = self._checked_at_load(layer, names)
+        checked = self._decide_check(layer, names)
         return {role: self._get(name, self._refillable(name, spare.pop(role, None)), checked) for role, name in names.items()}
 
     def walk(self, start: int = 0, loaders: int = 2) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -148,15 +148,15 @@ class WeightStream:
         overlaps the caller's work on the previous one, and the tensors of a layer load
         in parallel. Two layers' buffers take turns: the weights yielded for a layer are
         valid until the caller asks for the next one. Memory is two layers plus activations.
-        Unmapping a layer (a 7B layer is 400 MB of page-table entries to tear down, about 10 ms)
-        is a loader's job too.
+        Unmapping a layer (a 7B layer maps 400 MB: 100,000 page-table entries to tear down, about
+        10 ms) is a loader's job too.
         """
         layers = self.layers(start)
         with ThreadPoolExecutor(loaders, thread_name_prefix="swtool-load") as pool:
 
             def submit(layer: int, previous: dict[str, torch.Tensor]) -> dict[str, Future]:
                 names = self._layer_names(layer)
-                checked = self._checked_at_load(layer, names)
+                checked = self._decide_check(layer, names)
                 refill = {role: previous.pop(role) for role, name in names.items() if self._refillable(name, previous.get(role)) is not None}
                 pool.submit(previous.clear)  # the rest, maps of the stored bytes, are unmapped by a loader, not by the caller's thread
                 return {role: pool.submit(self._get, name, refill.get(role), checked) for role, name in names.items()}
