@@ -6,7 +6,6 @@ no traceback), 1 for an internal error. Machine output goes to stdout only.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -171,8 +170,7 @@ def start(model: Path, output: Path | None = None) -> ReadAhead:
     `output`: what the command writes. An output where no file can be created is refused first,
     before the second it takes to import torch. The command records its inputs' sha256
     (swtool.provenance), so the weight files are hashed from now on, on the other core while this
-    one imports (swtool.digests); and it streams tensor-sized buffers through encoding and
-    writing, which malloc is told to keep for reuse (`_keep_freed_memory`)."""
+    one imports (swtool.digests)."""
     from swtool.formats.open import prefetch
 
     if output is not None:
@@ -184,7 +182,6 @@ def start(model: Path, output: Path | None = None) -> ReadAhead:
         from swtool.digests import sha256_later
 
         sha256_later(ahead.files)
-        _keep_freed_memory()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS: swtool's products run in torch; its idle pool spun 2-3% of a quantize's CPU
     gc.disable()
     try:
@@ -193,22 +190,6 @@ def start(model: Path, output: Path | None = None) -> ReadAhead:
         gc.enable()
         gc.freeze()
     return ahead
-
-
-def _keep_freed_memory() -> None:
-    """Let glibc's malloc keep big freed buffers for the next tensor instead of unmapping each and
-    faulting in fresh zeroed pages for the next one (by default it does so above 32 MB, and trims
-    the heap at 128 kB free). A writing command allocates about the same sizes tensor after
-    tensor, so the pages are reused. Random 1.1B quantize, 5 interleaved runs: 1.91 s against
-    2.12 s, sys 0.52 against 0.64 s, peak RSS 443 against 433 MB. Not for the scan: the layer
-    buffers it already reuses left the heap fragmented, peak RSS 528 against 468 MB."""
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
-        return
-    mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: only allocations over 1 GiB get maps of their own
-    mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: return the heap's top to the system only past 2 GiB free
 
 
 def torch_dtype(name: str):

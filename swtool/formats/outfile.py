@@ -22,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
+from swtool import heap
+
 STAGE_BYTES = 8 << 20
 """One staging buffer: a multiple of every block size O_DIRECT may demand, large enough that a write
 call moves far more bytes than it costs."""
@@ -44,6 +46,7 @@ class OutputFile:
         self._offset = 0
         """File offset of the current staging buffer's first byte."""
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="swtool-write")
+        heap.keep_freed_buffers()  # what fills this file is a stream of tensor-sized buffers
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
-from functools import cache
-
 from tokenizers import Tokenizer
 
+from swtool import heap
 from swtool.errors import SwtoolError
 from swtool.formats.base import Checkpoint
 
@@ -38,13 +36,5 @@ def text_ids(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -
     with them, 808 MB without), so they go back to the system at once.
     """
     ids = tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    heap.trim()
     return ids
-
-
-@cache
-def _malloc_trim():
-    """glibc's malloc_trim (gives the heap's free memory back to the system), or None with another C library."""
-    return getattr(ctypes.CDLL(None), "malloc_trim", None)

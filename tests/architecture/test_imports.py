@@ -2,7 +2,7 @@
 
 Every `import` statement in swtool is read with `ast` (function-local ones too, so a
 circle cannot hide behind a late import). Families/config are data any layer reads;
-errors, workers, native, readahead, digests and cache sit at the bottom and import nothing of ours
+errors, workers, native, readahead, digests, cache and heap sit at the bottom and import nothing of ours
 above them.
 """
 
@@ -56,6 +56,7 @@ PLACES = [
     ("swtool.readahead", "bottom"),
     ("swtool.digests", "bottom"),
     ("swtool.cache", "bottom"),
+    ("swtool.heap", "bottom"),
 ]
 
 
