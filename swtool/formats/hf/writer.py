@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
 import torch
 
 from swtool.errors import SwtoolError
@@ -119,7 +120,7 @@ class ShardedWriter:
         if kind is None:
             self.close()
         elif self._handle is not None:
-            self._handle.__exit__(kind, value, traceback)
+            self._handle.abandon()
             self._handle = None
 
     def close(self) -> None:
